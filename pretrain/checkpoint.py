@@ -1,0 +1,238 @@
+"""Save and resume in Megatron's torch_dist layout.
+
+    <save>/latest_checkpointed_iteration.txt     the newest complete iteration
+    <save>/iter_0000100/                          megatron-core dist_checkpointing (PyTorch DCP):
+        __0_0.distcp ...  .metadata  common.pt  metadata.json  run_config.yaml
+
+Sharded content: ``model`` (``model0``, ``model1``, ... with virtual pipeline
+stages), ``optimizer`` (megatron-core's sharded optimizer state, reshardable
+across TP/PP/DP) and ``rng_state`` (one object per rank). Common content:
+``iteration``, ``consumed_samples``, ``opt_param_scheduler``, the parallel
+layout and the resolved run config.
+
+A checkpoint becomes visible only when complete: everything is written to
+``iter_NNNNNNN.incomplete`` and renamed once every rank has finished, then
+the tracker file is replaced atomically. A crash mid-save leaves the previous
+checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from pretrain.config import RunConfig, save_config, to_dict
+
+logger = logging.getLogger(__name__)
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+CONFIG_FILE = "run_config.yaml"
+CHECKPOINT_VERSION = 3.0
+# Optimizer state stored per model parameter, so it loads at any TP/PP/DP layout.
+DISTRIBUTED_OPTIMIZER_SHARDING = "fully_sharded_model_space"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be found or used; the message names the path."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands: restored exactly on resume."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def read_tracker(root: str | Path) -> Optional[int]:
+    """The newest complete iteration recorded in ``root``, or None if there is none."""
+    tracker = Path(root) / TRACKER_FILE
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if text == "release":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}") from None
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
+    """Map ``checkpoint.load`` (a run directory or an ``iter_*`` directory) to (dir, iteration)."""
+    path = Path(path)
+    if path.name.startswith("iter_") and path.is_dir():
+        try:
+            return path, int(path.name[len("iter_"):])
+        except ValueError:
+            raise CheckpointError(f"{path}: directory name is not iter_NNNNNNN") from None
+    iteration = read_tracker(path)
+    if iteration is None:
+        raise CheckpointError(f"{path}: no {TRACKER_FILE} (not a run directory with a saved checkpoint)")
+    directory = iteration_dir(path, iteration)
+    if not (directory / "metadata.json").is_file():
+        raise CheckpointError(f"{directory}: checkpoint named by {path / TRACKER_FILE} is missing or incomplete")
+    return directory, iteration
+
+
+def _model_key(index: int, num_chunks: int) -> str:
+    return "model" if num_chunks == 1 else f"model{index}"
+
+
+def _layout() -> dict:
+    return {
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+        "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
+    }
+
+
+def _rng_state() -> dict:
+    state = {
+        "random": random.getstate(),
+        "np_random": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["np_random"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(data) -> ShardedObject:
+    # One object per rank, addressed by its (PP, TP, DP) coordinates.
+    shape = (
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_data_parallel_world_size(),
+    )
+    offset = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_data_parallel_rank(),
+    )
+    return ShardedObject("rng_state", data, shape, offset, replica_id=0)
+
+
+def model_sharded_state_dict(model_chunks) -> dict:
+    """The sharded model state of this rank: ``model`` or ``model0``, ``model1``, ..."""
+    return {_model_key(i, len(model_chunks)): chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+
+
+def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, cfg: RunConfig,
+                        include_optimizer: bool, include_rng: bool, is_loading: bool) -> dict:
+    sd = model_sharded_state_dict(model_chunks)
+    if include_optimizer:
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": DISTRIBUTED_OPTIMIZER_SHARDING}
+        )
+        sd["opt_param_scheduler"] = scheduler.state_dict()
+    if include_rng:
+        sd["rng_state"] = _rng_sharded_object(_rng_state() if not is_loading else None)
+    sd["iteration"] = state.iteration
+    sd["consumed_samples"] = state.consumed_samples
+    sd["checkpoint_version"] = CHECKPOINT_VERSION
+    sd["parallel_layout"] = _layout()
+    sd["run_config"] = to_dict(cfg)
+    return sd
+
+
+def save_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, state: TrainState,
+                    root: Optional[str | Path] = None) -> Path:
+    """Write a complete checkpoint of ``state.iteration`` under ``root`` (default checkpoint.save)."""
+    root = Path(root or cfg.checkpoint.save)
+    final = iteration_dir(root, state.iteration)
+    staging = final.with_name(final.name + ".incomplete")
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if staging.exists():  # left by a crash during an earlier save
+            shutil.rmtree(staging)
+        staging.mkdir()
+    dist.barrier()
+
+    sd = _sharded_state_dict(model_chunks, optimizer, scheduler, state, cfg,
+                             include_optimizer=True, include_rng=True, is_loading=False)
+    dist_checkpointing.save(sd, str(staging))
+    dist.barrier()
+
+    if rank == 0:
+        save_config(cfg, staging / CONFIG_FILE)
+        if final.exists():  # re-saving an iteration: replace it only once the new one is whole
+            old = final.with_name(final.name + ".old")
+            final.rename(old)
+            staging.rename(final)
+            shutil.rmtree(old)
+        else:
+            staging.rename(final)
+        tracker = root / TRACKER_FILE
+        tmp = tracker.with_name(tracker.name + ".tmp")
+        tmp.write_text(f"{state.iteration}\n")
+        tmp.replace(tracker)
+        logger.info("saved checkpoint %s", final)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: str | Path,
+                    load_optimizer: bool = True, load_rng: bool = True) -> TrainState:
+    """Restore model (and optimizer, scheduler, RNG) from ``path``; megatron-core reshards as needed."""
+    directory, _ = resolve_checkpoint(path)
+    common = dist_checkpointing.load_common_state_dict(str(directory))
+    if "iteration" not in common:
+        raise CheckpointError(f"{directory / 'common.pt'}: key 'iteration' missing (not a pretrain checkpoint)")
+    state = TrainState(iteration=int(common["iteration"]), consumed_samples=int(common.get("consumed_samples", 0)))
+
+    saved_layout = common.get("parallel_layout")
+    if load_rng and saved_layout != _layout():
+        logger.info("checkpoint layout %s differs from this run's %s: RNG states not restored", saved_layout, _layout())
+        load_rng = False
+    has_optimizer = load_optimizer and "opt_param_scheduler" in common
+    if load_optimizer and not has_optimizer:
+        logger.warning("%s holds no optimizer state: starting a fresh optimizer", directory)
+
+    sd = _sharded_state_dict(model_chunks, optimizer, scheduler, state, cfg,
+                             include_optimizer=has_optimizer, include_rng=load_rng, is_loading=True)
+    for key in ("iteration", "consumed_samples", "checkpoint_version", "parallel_layout", "run_config"):
+        sd.pop(key)
+    if has_optimizer:
+        sd.pop("opt_param_scheduler")
+    try:
+        loaded = dist_checkpointing.load(sd, str(directory))
+    except Exception as exc:
+        raise CheckpointError(f"{directory}: cannot load into this model: {exc}") from exc
+
+    for i, chunk in enumerate(model_chunks):
+        chunk.load_state_dict(loaded[_model_key(i, len(model_chunks))])
+    if has_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(common["opt_param_scheduler"])
+    if load_rng:
+        _set_rng_state(loaded["rng_state"])
+    logger.info("loaded checkpoint %s (iteration %d, %d samples consumed)", directory, state.iteration, state.consumed_samples)
+    return state

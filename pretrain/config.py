@@ -1,0 +1,596 @@
+"""The typed run config: nested dataclasses loaded from YAML, with dotted overrides.
+
+A run is described by one YAML file whose top-level sections mirror the
+dataclasses below (``model``, ``moe``, ``parallel``, ``train``, ``optimizer``,
+``scheduler``, ``data``, ``checkpoint``, ``logging``, ``merge``). Every field is
+documented where it is defined; ``python -m pretrain.config --reference``
+prints the reference as Markdown.
+
+    cfg = load_config("configs/tiny-dense.yaml", ["train.train_iters=50", "parallel.tensor_model_parallel_size=2"])
+    validate(cfg, world_size=2)
+
+Errors are :class:`ConfigError` and always name the dotted key, the bad value
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the key and the fix."""
+
+
+def doc(default: Any, help: str, **kwargs) -> Any:
+    """A dataclass field with a default and a one-line description for the reference."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    """Transformer shape and numerics (megatron-core TransformerConfig)."""
+
+    num_layers: int = doc(2, "Transformer layers.")
+    hidden_size: int = doc(64, "Model width.")
+    num_attention_heads: int = doc(4, "Attention heads; must be divisible by the tensor-parallel size.")
+    num_query_groups: Optional[int] = doc(None, "KV head groups for grouped-query attention; null = one per head.")
+    ffn_hidden_size: int = doc(256, "MLP inner width (per expert for MoE unless moe.ffn_hidden_size is set).")
+    kv_channels: Optional[int] = doc(None, "Per-head dimension; null = hidden_size / num_attention_heads.")
+    position_embedding_type: Literal["rope", "learned_absolute"] = doc("rope", "Position encoding.")
+    rotary_base: int = doc(10000, "RoPE base.")
+    normalization: Literal["RMSNorm", "LayerNorm"] = doc("RMSNorm", "Normalisation layer.")
+    norm_epsilon: float = doc(1e-5, "Normalisation epsilon.")
+    activation: Literal["swiglu", "gelu"] = doc("swiglu", "MLP activation (swiglu = gated SiLU).")
+    add_bias_linear: bool = doc(False, "Biases in linear layers.")
+    add_qkv_bias: bool = doc(False, "Bias in the QKV projection only.")
+    qk_layernorm: bool = doc(False, "Normalise queries and keys.")
+    untie_embeddings_and_output_weights: bool = doc(True, "Separate output layer instead of the tied embedding.")
+    init_method_std: float = doc(0.02, "Std of the normal weight initialisation.")
+    hidden_dropout: float = doc(0.0, "Dropout after attention and MLP.")
+    attention_dropout: float = doc(0.0, "Dropout on attention probabilities.")
+    make_vocab_size_divisible_by: int = doc(
+        128,
+        "Pad the vocabulary to a multiple of this. Unlike Megatron-LM the padding does not grow with the "
+        "tensor-parallel size, so checkpoints keep one shape at every layout.",
+    )
+    recompute_granularity: Optional[Literal["full", "selective"]] = doc(None, "Activation recomputation.")
+    recompute_num_layers: Optional[int] = doc(None, "Layers per recompute block with granularity full.")
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = doc(
+        "auto", "Layer implementation: auto = Transformer Engine when it and CUDA are present, else local."
+    )
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts layers (megatron-core MoE). Off while num_experts is null."""
+
+    num_experts: Optional[int] = doc(None, "Experts per MoE layer; null = dense model.")
+    router_topk: int = doc(2, "Experts each token is routed to.")
+    ffn_hidden_size: Optional[int] = doc(None, "Expert MLP width; null = model.ffn_hidden_size.")
+    aux_loss_coeff: float = doc(0.01, "Load-balancing auxiliary loss coefficient (0 disables it).")
+    z_loss_coeff: Optional[float] = doc(None, "Router z-loss coefficient; null disables it.")
+    load_balancing_type: Literal["aux_loss", "seq_aux_loss", "sinkhorn", "none"] = doc(
+        "aux_loss", "Load-balancing strategy."
+    )
+    token_dispatcher: Literal["alltoall", "allgather"] = doc("alltoall", "Token dispatcher.")
+    shared_expert_intermediate_size: Optional[int] = doc(None, "Width of the shared expert MLP; null = none.")
+    grouped_gemm: bool = doc(False, "Grouped GEMM experts (GPU only).")
+    layer_freq: int = doc(1, "Every layer_freq-th layer is MoE (1 = all).")
+    capacity_factor: Optional[float] = doc(None, "Token capacity per expert; null = dropless.")
+    router_dtype: Optional[Literal["fp32", "fp64"]] = doc("fp32", "Router computation precision.")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and data are split across processes (megatron-core parallel_state)."""
+
+    tensor_model_parallel_size: int = doc(1, "TP: splits each layer's matrices.")
+    pipeline_model_parallel_size: int = doc(1, "PP: splits the layer stack into stages.")
+    virtual_pipeline_model_parallel_size: Optional[int] = doc(None, "Interleaved pipeline chunks per stage.")
+    expert_model_parallel_size: int = doc(1, "EP: splits the experts of each MoE layer.")
+    expert_tensor_parallel_size: Optional[int] = doc(None, "TP inside experts; null = tensor_model_parallel_size.")
+    sequence_parallel: bool = doc(False, "Shard LayerNorm/dropout activations along the sequence (needs TP > 1).")
+    use_distributed_optimizer: bool = doc(False, "Shard optimizer state across data-parallel ranks (ZeRO-1).")
+    overlap_grad_reduce: bool = doc(False, "Overlap gradient reduction with backward.")
+    overlap_param_gather: bool = doc(False, "Overlap parameter all-gather with forward (distributed optimizer).")
+    distributed_timeout_minutes: int = doc(30, "Collective timeout.")
+
+
+@dataclass
+class TrainConfig:
+    """Batch shape, length and numerics of the run."""
+
+    train_iters: int = doc(100, "Optimizer steps in the run (the schedule's horizon).")
+    seed: int = doc(1234, "Seed for initialisation, data order and dropout.")
+    micro_batch_size: int = doc(4, "Sequences per forward pass per data-parallel rank.")
+    global_batch_size: int = doc(16, "Sequences per optimizer step, summed over data-parallel ranks.")
+    seq_length: int = doc(128, "Tokens per sequence.")
+    precision: Literal["fp32", "bf16", "fp16"] = doc("fp32", "Parameter/compute dtype (bf16/fp16 keep fp32 master weights).")
+    eval_interval: Optional[int] = doc(None, "Validate every this many iterations; null = only at the end.")
+    eval_iters: int = doc(4, "Validation batches (of global_batch_size) per evaluation.")
+    device: Literal["auto", "cpu", "cuda"] = doc("auto", "auto = CUDA with NCCL when present, else CPU with gloo.")
+    exit_on_nonfinite_loss: bool = doc(True, "Stop with an error when the loss becomes NaN/Inf.")
+
+
+@dataclass
+class OptimizerSection:
+    """Adam via megatron-core's get_megatron_optimizer."""
+
+    name: Literal["adam", "sgd"] = doc("adam", "Optimizer.")
+    lr: float = doc(1e-3, "Peak learning rate.")
+    min_lr: float = doc(0.0, "Learning rate at the end of decay.")
+    weight_decay: float = doc(0.1, "Decoupled weight decay.")
+    adam_beta1: float = doc(0.9, "Adam beta1.")
+    adam_beta2: float = doc(0.95, "Adam beta2.")
+    adam_eps: float = doc(1e-8, "Adam epsilon.")
+    clip_grad: float = doc(1.0, "Gradient clipping by global norm (0 disables).")
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule (megatron-core OptimizerParamScheduler)."""
+
+    style: Literal["constant", "linear", "cosine", "wsd", "inverse-square-root"] = doc(
+        "wsd", "wsd = warmup, stable (constant) stage, then decay over wsd_decay_iters."
+    )
+    warmup_iters: int = doc(0, "Linear warmup from init_lr to optimizer.lr.")
+    init_lr: float = doc(0.0, "Learning rate at iteration 0 of the warmup.")
+    decay_iters: Optional[int] = doc(None, "Iteration where decay ends; null = train.train_iters.")
+    wsd_decay_iters: Optional[int] = doc(None, "Length of the WSD decay stage; null = 10% of decay_iters.")
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = doc("linear", "Shape of the WSD decay.")
+
+
+@dataclass
+class DataConfig:
+    """Training data: megatron-core indexed datasets and a tokenizer."""
+
+    data_path: list = doc(
+        [],
+        "Dataset prefixes (PREFIX.bin/.idx), optionally weighted: [0.7, a, 0.3, b]. "
+        "Empty = the embedded default corpus, built on first use.",
+    )
+    split: str = doc("98,2,0", "Train/valid/test split of each dataset, in parts.")
+    tokenizer: Literal["byte", "hf"] = doc("byte", "byte = built-in byte-level tokenizer; hf = a tokenizers JSON file.")
+    tokenizer_file: Optional[str] = doc(None, "Hugging Face tokenizer.json (tokenizer: hf).")
+    cache_dir: Optional[str] = doc(None, "Where dataset indices and the default corpus are cached.")
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming, in Megatron's directory layout."""
+
+    save: Optional[str] = doc(None, "Run directory: iter_NNNNNNN/ checkpoints, metrics, config.")
+    save_interval: Optional[int] = doc(None, "Save every this many iterations (and at the end).")
+    load: Optional[str] = doc(None, "Resume from this run directory's latest checkpoint (or an iter_* directory).")
+    format: Literal["torch_dist"] = doc("torch_dist", "Checkpoint format (megatron-core dist_checkpointing).")
+    no_load_optim: bool = doc(False, "Resume weights only; fresh optimizer state.")
+    no_load_rng: bool = doc(False, "Do not restore RNG states.")
+    exit_after_save: bool = doc(False, "Stop after the first checkpoint save (for tests of crash/resume).")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+
+    metrics_file: Optional[str] = doc(None, "JSON-lines metrics; null = <checkpoint.save>/metrics.jsonl.")
+    tensorboard_dir: Optional[str] = doc(None, "TensorBoard logs when tensorboard is installed; null = <save>/tensorboard.")
+    log_interval: int = doc(1, "Print a line to stdout every this many iterations.")
+
+
+@dataclass
+class RunConfig:
+    """A whole pre-training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------
+# Loading: YAML + overrides -> dataclasses, with types checked per key.
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check (and where lossless, convert) ``value`` against the annotation ``tp``."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: null is not allowed (expected {_describe(inner)})")
+    origin = typing.get_origin(inner)
+    if origin is Literal:
+        choices = typing.get_args(inner)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not a boolean (true/false)")
+    if inner is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: {value!r} is not an integer")
+    if inner is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 without a dot as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not a number")
+    if inner is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: {value!r} is not a string")
+    if inner is list or origin is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: {value!r} is not a list")
+        return list(value)
+    return value
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key '{key}'{hint} (known in this section: {', '.join(sorted(names))})")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, f"{key}.")
+        else:
+            kwargs[name] = _coerce(key, value, tp)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", value parsed as YAML: numbers, booleans, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or key.startswith(".") or key.endswith("."):
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Build a RunConfig from a plain dict plus ``dotted.key=value`` overrides."""
+    tree = dict(data or {})
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return _build(RunConfig, tree, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run config and apply overrides; does not validate (see :func:`validate`)."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return config_from_dict(data, overrides)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain data (what is saved beside checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------
+# Validation: every rule names the key(s) involved.
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
+    p = cfg.parallel
+    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+
+
+def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: Optional[bool] = None) -> None:
+    """Check a config for consistency; with ``world_size`` also against the launch.
+
+    Raises ConfigError naming the key, the value and what is allowed.
+    """
+    m, p, t, o, s, d, c = cfg.model, cfg.parallel, cfg.train, cfg.optimizer, cfg.scheduler, cfg.data, cfg.checkpoint
+    for key, value in [
+        ("model.num_layers", m.num_layers),
+        ("model.hidden_size", m.hidden_size),
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("model.ffn_hidden_size", m.ffn_hidden_size),
+        ("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size),
+        ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size),
+        ("parallel.expert_model_parallel_size", p.expert_model_parallel_size),
+        ("train.train_iters", t.train_iters),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("train.global_batch_size", t.global_batch_size),
+        ("train.seq_length", t.seq_length),
+        ("train.eval_iters", t.eval_iters),
+        ("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by),
+        ("logging.log_interval", cfg.logging.log_interval),
+    ]:
+        _require(value >= 1, f"{key}: {value} must be a positive integer")
+
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    _require(
+        m.hidden_size % m.num_attention_heads == 0 or m.kv_channels is not None,
+        f"model.hidden_size: {m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads} "
+        "(set model.kv_channels to use another head size)",
+    )
+    _require(
+        m.num_attention_heads % tp == 0,
+        f"parallel.tensor_model_parallel_size: {tp} does not divide model.num_attention_heads={m.num_attention_heads}",
+    )
+    groups = m.num_query_groups or m.num_attention_heads
+    _require(
+        m.num_attention_heads % groups == 0,
+        f"model.num_query_groups: {groups} does not divide model.num_attention_heads={m.num_attention_heads}",
+    )
+    _require(groups % tp == 0, f"parallel.tensor_model_parallel_size: {tp} does not divide model.num_query_groups={groups}")
+    _require(m.ffn_hidden_size % tp == 0, f"parallel.tensor_model_parallel_size: {tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    _require(
+        m.make_vocab_size_divisible_by % tp == 0,
+        f"model.make_vocab_size_divisible_by: {m.make_vocab_size_divisible_by} must be a multiple of "
+        f"parallel.tensor_model_parallel_size={tp} (the padded vocabulary is split across TP ranks)",
+    )
+    vp = p.virtual_pipeline_model_parallel_size
+    if vp is not None:
+        _require(vp >= 1, f"parallel.virtual_pipeline_model_parallel_size: {vp} must be null or >= 1")
+        _require(pp > 1 or vp == 1, "parallel.virtual_pipeline_model_parallel_size needs parallel.pipeline_model_parallel_size > 1")
+    chunks = pp * (vp or 1)
+    _require(
+        m.num_layers % chunks == 0,
+        f"model.num_layers: {m.num_layers} is not divisible by pipeline stages x virtual chunks = {chunks}",
+    )
+    if p.sequence_parallel:
+        _require(tp > 1, "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
+    if p.overlap_param_gather:
+        _require(p.use_distributed_optimizer, "parallel.overlap_param_gather needs parallel.use_distributed_optimizer: true")
+    for key, value in [("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout)]:
+        _require(0.0 <= value < 1.0, f"{key}: {value} must be in [0, 1)")
+    _require(m.init_method_std > 0, f"model.init_method_std: {m.init_method_std} must be > 0")
+    if m.recompute_granularity == "full":
+        _require(m.recompute_num_layers is not None and m.recompute_num_layers >= 1,
+                 "model.recompute_num_layers must be >= 1 with model.recompute_granularity: full")
+
+    _validate_moe(cfg)
+
+    # Optimizer and schedule.
+    _require(o.lr > 0 and math.isfinite(o.lr), f"optimizer.lr: {o.lr} must be a positive number")
+    _require(0 <= o.min_lr <= o.lr, f"optimizer.min_lr: {o.min_lr} must be in [0, optimizer.lr={o.lr}]")
+    _require(o.weight_decay >= 0, f"optimizer.weight_decay: {o.weight_decay} must be >= 0")
+    _require(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optimizer.adam_beta1/adam_beta2 must be in [0, 1)")
+    _require(o.adam_eps > 0, f"optimizer.adam_eps: {o.adam_eps} must be > 0")
+    _require(o.clip_grad >= 0, f"optimizer.clip_grad: {o.clip_grad} must be >= 0 (0 disables clipping)")
+    decay = s.decay_iters if s.decay_iters is not None else t.train_iters
+    _require(decay >= 1, f"scheduler.decay_iters: {decay} must be >= 1")
+    _require(0 <= s.warmup_iters < decay, f"scheduler.warmup_iters: {s.warmup_iters} must be in [0, decay_iters={decay})")
+    _require(0 <= s.init_lr <= o.lr, f"scheduler.init_lr: {s.init_lr} must be in [0, optimizer.lr={o.lr}]")
+    if s.style == "wsd" and s.wsd_decay_iters is not None:
+        _require(
+            0 < s.wsd_decay_iters <= decay - s.warmup_iters,
+            f"scheduler.wsd_decay_iters: {s.wsd_decay_iters} must be in [1, decay_iters - warmup_iters = {decay - s.warmup_iters}]",
+        )
+
+    # Training shape.
+    if t.eval_interval is not None:
+        _require(t.eval_interval >= 1, f"train.eval_interval: {t.eval_interval} must be null or >= 1")
+    if c.save_interval is not None:
+        _require(c.save_interval >= 1, f"checkpoint.save_interval: {c.save_interval} must be null or >= 1")
+        _require(c.save is not None, "checkpoint.save_interval is set but checkpoint.save (the run directory) is not")
+    if d.tokenizer == "hf":
+        _require(d.tokenizer_file is not None, "data.tokenizer: hf needs data.tokenizer_file (a tokenizers JSON file)")
+        _require(Path(d.tokenizer_file).is_file(), f"data.tokenizer_file: {d.tokenizer_file} does not exist")
+    _validate_data_paths(d)
+    _validate_split(d.split)
+    if c.load is not None:
+        _require(Path(c.load).exists(), f"checkpoint.load: {c.load} does not exist")
+
+    # Platform.
+    cuda = _cuda_available() if cuda_available is None else cuda_available
+    on_cpu = t.device == "cpu" or (t.device == "auto" and not cuda)
+    if t.device == "cuda":
+        _require(cuda, "train.device: cuda was requested but CUDA is not available")
+    if on_cpu:
+        _require(t.precision != "fp16", "train.precision: fp16 needs CUDA (its loss scaler is CUDA-only); use bf16 or fp32 on CPU")
+        _require(
+            m.transformer_impl != "transformer_engine",
+            "model.transformer_impl: transformer_engine needs CUDA; use auto or local on CPU",
+        )
+        _require(not cfg.moe.grouped_gemm, "moe.grouped_gemm needs CUDA; set it false on CPU")
+        _require(not p.overlap_grad_reduce and not p.overlap_param_gather,
+                 "parallel.overlap_grad_reduce/overlap_param_gather need CUDA streams; set them false on CPU")
+
+    if world_size is not None:
+        mp = tp * pp
+        _require(
+            world_size % mp == 0,
+            f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size x "
+            f"parallel.pipeline_model_parallel_size = {tp} x {pp} = {mp}",
+        )
+        dp = world_size // mp
+        _require(
+            t.global_batch_size % (t.micro_batch_size * dp) == 0,
+            f"train.global_batch_size: {t.global_batch_size} is not divisible by train.micro_batch_size x "
+            f"data-parallel size = {t.micro_batch_size} x {dp}",
+        )
+        ep = p.expert_model_parallel_size
+        etp = p.expert_tensor_parallel_size or tp
+        _require(
+            (world_size // pp) % (ep * etp) == 0,
+            f"parallel.expert_model_parallel_size x expert_tensor_parallel_size = {ep} x {etp} does not divide "
+            f"the {world_size // pp} ranks of a pipeline stage",
+        )
+        if pp > 1 and vp is not None and vp > 1:
+            micro = t.global_batch_size // (t.micro_batch_size * dp)
+            _require(micro % pp == 0, f"interleaved pipelining needs microbatches per step ({micro}) divisible by PP={pp}")
+
+
+def _validate_moe(cfg: RunConfig) -> None:
+    moe, p = cfg.moe, cfg.parallel
+    if moe.num_experts is None:
+        _require(p.expert_model_parallel_size == 1, "parallel.expert_model_parallel_size > 1 needs moe.num_experts")
+        return
+    _require(moe.num_experts >= 1, f"moe.num_experts: {moe.num_experts} must be >= 1")
+    _require(
+        1 <= moe.router_topk <= moe.num_experts,
+        f"moe.router_topk: {moe.router_topk} must be between 1 and moe.num_experts={moe.num_experts}",
+    )
+    _require(
+        moe.num_experts % p.expert_model_parallel_size == 0,
+        f"moe.num_experts: {moe.num_experts} is not divisible by parallel.expert_model_parallel_size={p.expert_model_parallel_size}",
+    )
+    _require(moe.aux_loss_coeff >= 0, f"moe.aux_loss_coeff: {moe.aux_loss_coeff} must be >= 0")
+    if moe.z_loss_coeff is not None:
+        _require(moe.z_loss_coeff >= 0, f"moe.z_loss_coeff: {moe.z_loss_coeff} must be >= 0")
+    _require(moe.layer_freq >= 1, f"moe.layer_freq: {moe.layer_freq} must be >= 1")
+    etp = p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    width = moe.ffn_hidden_size or cfg.model.ffn_hidden_size
+    _require(width % etp == 0, f"moe.ffn_hidden_size: {width} is not divisible by the expert tensor-parallel size {etp}")
+    if moe.shared_expert_intermediate_size is not None:
+        _require(moe.shared_expert_intermediate_size % p.tensor_model_parallel_size == 0,
+                 "moe.shared_expert_intermediate_size must be divisible by parallel.tensor_model_parallel_size")
+
+
+def _validate_data_paths(d: DataConfig) -> None:
+    entries = list(d.data_path)
+    if not entries:
+        return
+    weighted = len(entries) % 2 == 0 and _is_number(entries[0])
+    prefixes = entries[1::2] if weighted else entries
+    if weighted:
+        for w in entries[0::2]:
+            _require(_is_number(w) and float(w) > 0, f"data.data_path: weight {w!r} must be a positive number")
+    for prefix in prefixes:
+        _require(not _is_number(prefix), f"data.data_path: {entries!r} mixes weights and prefixes; use [w1, prefix1, w2, prefix2]")
+        for suffix in (".bin", ".idx"):
+            _require(Path(f"{prefix}{suffix}").is_file(), f"data.data_path: {prefix}{suffix} does not exist")
+
+
+def _validate_split(split: str) -> None:
+    parts = split.replace("/", ",").split(",")
+    try:
+        values = [float(x) for x in parts]
+    except ValueError:
+        raise ConfigError(f"data.split: {split!r} must be comma-separated numbers like '98,2,0'") from None
+    _require(len(values) <= 3 and all(v >= 0 for v in values), f"data.split: {split!r} must be up to 3 non-negative parts")
+    _require(values[0] > 0, f"data.split: {split!r} leaves no training data")
+
+
+def _is_number(x: Any) -> bool:
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, (int, float)):
+        return True
+    try:
+        float(x)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def reference_markdown() -> str:
+    """The config reference (every key, type, default, description) as Markdown."""
+    lines = []
+    for section in dataclasses.fields(RunConfig):
+        cls = section.type if isinstance(section.type, type) else typing.get_type_hints(RunConfig)[section.name]
+        lines += [f"### `{section.name}`", "", (cls.__doc__ or "").strip(), "", "| key | default | description |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {f.metadata.get('help', '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if "--reference" in sys.argv:
+        print(reference_markdown())
+    else:
+        print("usage: python -m pretrain.config --reference", file=sys.stderr)
+        sys.exit(2)

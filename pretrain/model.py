@@ -1,0 +1,152 @@
+"""Dense GPT and MoE models from megatron-core layer specs.
+
+The Transformer Engine spec is used when TE and CUDA are present (or asked
+for); otherwise the local spec, with :class:`SDPACoreAttention` in the core
+attention slot. Both produce the same checkpoint keys for the same shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer import TransformerConfig
+
+from pretrain.config import RunConfig
+from pretrain.platform import Platform, transformer_engine_available
+from pretrain.sdpa_attention import SDPACoreAttention
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def padded_vocab_size(vocab_size: int, cfg: RunConfig) -> int:
+    """Round the tokenizer's vocabulary up to ``model.make_vocab_size_divisible_by``.
+
+    Megatron-LM multiplies the multiple by the TP size, so the embedding shape
+    changes with the layout; we keep one shape so every layout loads every checkpoint.
+    """
+    multiple = cfg.model.make_vocab_size_divisible_by
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def use_transformer_engine(cfg: RunConfig, platform: Platform) -> bool:
+    impl = cfg.model.transformer_impl
+    if impl == "local" or platform.on_cpu:
+        return False
+    if impl == "transformer_engine":
+        return True
+    return transformer_engine_available()
+
+
+def transformer_config(cfg: RunConfig, platform: Platform) -> TransformerConfig:
+    """megatron-core's TransformerConfig for this run."""
+    m, p, moe = cfg.model, cfg.parallel, cfg.moe
+    dtype = _DTYPES[cfg.train.precision]
+    on_cpu = platform.on_cpu
+    te = use_transformer_engine(cfg, platform)
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        kv_channels=m.kv_channels,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        add_bias_linear=m.add_bias_linear,
+        add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
+        gated_linear_unit=m.activation == "swiglu",
+        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        init_method_std=m.init_method_std,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        params_dtype=dtype,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        pipeline_dtype=dtype,
+        # On CPUs, build each full weight with one generator and slice it: the
+        # initial model is then the same at every tensor-parallel size.
+        use_cpu_initialization=on_cpu,
+        # Fused kernels exist only on GPUs (TE or apex).
+        gradient_accumulation_fusion=te,
+        bias_activation_fusion=te and m.activation == "swiglu",
+        masked_softmax_fusion=te,
+        persist_layer_norm=te,
+        bias_dropout_fusion=te,
+        apply_rope_fusion=te,
+        recompute_granularity=m.recompute_granularity,
+        recompute_method="uniform" if m.recompute_granularity == "full" else None,
+        recompute_num_layers=m.recompute_num_layers if m.recompute_granularity == "full" else None,
+        deallocate_pipeline_outputs=True,
+        variable_seq_lengths=False,
+    )
+    if moe.num_experts is not None:
+        kwargs.update(
+            num_moe_experts=moe.num_experts,
+            moe_router_topk=moe.router_topk,
+            moe_ffn_hidden_size=moe.ffn_hidden_size or m.ffn_hidden_size,
+            moe_aux_loss_coeff=moe.aux_loss_coeff,
+            moe_z_loss_coeff=moe.z_loss_coeff,
+            moe_router_load_balancing_type=moe.load_balancing_type,
+            moe_token_dispatcher_type=moe.token_dispatcher,
+            moe_shared_expert_intermediate_size=moe.shared_expert_intermediate_size,
+            moe_grouped_gemm=moe.grouped_gemm,
+            moe_layer_freq=moe.layer_freq,
+            moe_expert_capacity_factor=moe.capacity_factor,
+            moe_router_dtype=moe.router_dtype,
+            moe_permute_fusion=False,
+        )
+    return TransformerConfig(**kwargs)
+
+
+def _layer_block_spec(config: TransformerConfig, cfg: RunConfig, te: bool, vp_stage):
+    spec = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=te, normalization=cfg.model.normalization, vp_stage=vp_stage
+    )
+    if not te:
+        for layer_spec in spec.layer_specs:
+            layer_spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def build_model(cfg: RunConfig, platform: Platform, vocab_size: int) -> List[GPTModel]:
+    """One GPTModel per virtual pipeline chunk held by this rank (usually one)."""
+    config = transformer_config(cfg, platform)
+    te = use_transformer_engine(cfg, platform)
+    vp_size = cfg.parallel.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vp_size or 1):
+        stage = vp_stage if vp_size is not None else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=_layer_block_spec(config, cfg, te, stage),
+            vocab_size=padded_vocab_size(vocab_size, cfg),
+            max_sequence_length=cfg.train.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
+            position_embedding_type=cfg.model.position_embedding_type,
+            rotary_base=cfg.model.rotary_base,
+            vp_stage=stage,
+        )
+        model.to(platform.device)
+        chunks.append(model)
+    n_params = sum(p.numel() for c in chunks for p in c.parameters())
+    logger.info("rank %d: built %d model chunk(s), %d parameters on this rank (%s spec)",
+                platform.rank, len(chunks), n_params, "TE" if te else "local")
+    return chunks

@@ -1,0 +1,116 @@
+"""Process groups and device placement: NCCL on GPUs, gloo on CPUs.
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a
+plain ``python -m pretrain`` runs as a world of one. On CPUs the CUDA
+compatibility layer (:mod:`pretrain.cpu_compat`) is installed before
+megatron-core builds anything.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pretrain import cpu_compat
+from pretrain.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Platform:
+    """Where this process runs."""
+
+    device: torch.device
+    backend: str  # "nccl" or "gloo"
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+
+def select_device(cfg: RunConfig) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: RunConfig) -> Platform:
+    """Start torch.distributed (if not yet) and megatron-core's parallel state for ``cfg``."""
+    from megatron.core import parallel_state
+
+    device = select_device(cfg)
+    if device.type == "cpu":
+        cpu_compat.enable()
+        # Leave one core per process: 2 ranks on 2 cores must not oversubscribe.
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    else:
+        torch.cuda.set_device(device)
+
+    backend = "gloo" if device.type == "cpu" else "nccl"
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=cfg.parallel.distributed_timeout_minutes),
+            device_id=device if device.type == "cuda" else None,
+        )
+    p = cfg.parallel
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tensor_model_parallel_size,
+            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=p.expert_model_parallel_size,
+            expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+            distributed_timeout_minutes=p.distributed_timeout_minutes,
+        )
+    return Platform(
+        device=device,
+        backend=backend,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def shutdown() -> None:
+    """Tear down megatron-core's groups and the default process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine imports and CUDA is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True

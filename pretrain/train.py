@@ -1,0 +1,344 @@
+"""The pre-training loop, top to bottom.
+
+    setup:   process groups -> tokenizer -> model (DDP) -> optimizer -> LR schedule
+             -> resume -> datasets
+    loop:    one optimizer step over global_batch_size sequences (megatron-core's
+             pipeline schedule runs the microbatches), then log, evaluate, save
+    finish:  final evaluation and checkpoint, a summary
+
+Everything parallel comes from megatron-core: parallel_state, GPTModel, its
+DistributedDataParallel, get_megatron_optimizer, the forward/backward
+schedules, OptimizerParamScheduler and dist_checkpointing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from pretrain import checkpoint as ckpt
+from pretrain.batches import TrainingData, build_training_data
+from pretrain.config import RunConfig
+from pretrain.metrics import MetricsLogger
+from pretrain.model import build_model
+from pretrain.platform import Platform, init_distributed
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf."""
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports (on every rank; losses are filled on the logging rank)."""
+
+    iterations: int = 0
+    first_loss: Optional[float] = None
+    last_loss: Optional[float] = None
+    losses: List[float] = field(default_factory=list)
+    evaluations: List[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    checkpoint: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------
+# Setup
+
+
+def wrap_with_ddp(cfg: RunConfig, model_chunks) -> list:
+    """megatron-core's DDP over each model chunk: contiguous grad buffers, DP reduction."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=cfg.train.precision != "fp32",
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    wrapped = [
+        DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                # Only the first chunk's buckets start reducing with no_sync off.
+                                disable_bucketing=index > 0)
+        for index, chunk in enumerate(model_chunks)
+    ]
+    # The schedules call these to sync grads across DP and tied embeddings across PP.
+    config = model_chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    if cfg.parallel.overlap_grad_reduce:
+        config.grad_sync_func = [m.start_grad_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].start_grad_sync
+    if cfg.parallel.overlap_param_gather:
+        config.param_sync_func = [m.start_param_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].start_param_sync
+    return wrapped
+
+
+def build_optimizer(cfg: RunConfig, model_chunks):
+    o = cfg.optimizer
+    return get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer=o.name,
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=cfg.train.precision == "bf16",
+            fp16=cfg.train.precision == "fp16",
+            params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision],
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            initial_loss_scale=2.0**16 if cfg.train.precision == "fp16" else None,
+        ),
+        model_chunks,
+    )
+
+
+def build_scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
+    """Warmup, then constant / linear / cosine / WSD decay, counted in iterations."""
+    s, o = cfg.scheduler, cfg.optimizer
+    decay_iters = s.decay_iters if s.decay_iters is not None else cfg.train.train_iters
+    style = {"wsd": "WSD"}.get(s.style, s.style)
+    wsd_decay = s.wsd_decay_iters if s.wsd_decay_iters is not None else max(1, decay_iters // 10)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=s.init_lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=s.warmup_iters,
+        lr_decay_steps=decay_iters,
+        lr_decay_style=style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=decay_iters,
+        wd_incr_style="constant",
+        wsd_decay_steps=wsd_decay if style == "WSD" else None,
+        lr_wsd_decay_style=s.wsd_decay_style if style == "WSD" else None,
+        # A resumed run follows the config's schedule, not the checkpoint's: a
+        # new phase (annealing, continued training) may change it.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+    )
+
+
+def set_seeds(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    # Same seed on every rank (the full weights are drawn identically, then
+    # sliced); megatron-core derives the per-TP-rank dropout streams.
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------
+# One step
+
+
+def _forward_step(data_iterator: Iterator[dict], model):
+    batch = next(data_iterator)
+    per_token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return per_token_loss, partial(_loss_func, batch["loss_mask"])
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    # (sum, tokens, report): megatron-core divides by tokens and microbatches for
+    # the gradient; the report keeps both so logs are exact token-weighted means.
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach().clone(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def _reduce_loss(reports: list) -> Optional[float]:
+    """Token-weighted mean loss over microbatches and data-parallel ranks (last stage only)."""
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    total = torch.zeros(2, dtype=torch.float64)
+    for report in reports:
+        total += report["lm loss"].detach().to("cpu", torch.float64)
+    total = total.to(_collective_device())
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def train_step(model, optimizer, scheduler, microbatches: list, cfg: RunConfig):
+    """Forward/backward over one global batch, then an optimizer step; returns (loss, grad_norm, skipped)."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=[iter(microbatches) for _ in model] if len(model) > 1 else iter(microbatches),
+        model=model,
+        num_microbatches=len(microbatches),
+        seq_length=cfg.train.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=1)
+    return _reduce_loss(reports), grad_norm, not update_successful
+
+
+@torch.no_grad()
+def evaluate(model, batches: List[list], cfg: RunConfig) -> Optional[float]:
+    """Mean validation loss over fixed batches (each a list of microbatches); None off the last stage."""
+    for chunk in model:
+        chunk.eval()
+    reports = []
+    for microbatches in batches:
+        reports += get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=[iter(microbatches) for _ in model] if len(model) > 1 else iter(microbatches),
+            model=model,
+            num_microbatches=len(microbatches),
+            seq_length=cfg.train.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size,
+            forward_only=True,
+        )
+    for chunk in model:
+        chunk.train()
+    return _reduce_loss(reports)
+
+
+# ---------------------------------------------------------------------------
+# The run
+
+
+def is_logging_rank() -> bool:
+    """The rank that holds the loss and writes metrics: last stage, first TP and DP rank."""
+    return (
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
+
+
+def _metrics_path(cfg: RunConfig) -> Optional[str]:
+    if cfg.logging.metrics_file:
+        return cfg.logging.metrics_file
+    if cfg.checkpoint.save:
+        return str(Path(cfg.checkpoint.save) / "metrics.jsonl")
+    return None
+
+
+def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
+    """Run (or resume) the training described by ``cfg``; the caller validated it."""
+    platform = platform or init_distributed(cfg)
+    t, c = cfg.train, cfg.checkpoint
+    set_seeds(t.seed)
+
+    data: TrainingData = build_training_data(cfg, platform)
+    model = wrap_with_ddp(cfg, build_model(cfg, platform, data.vocab_size))
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+
+    state = ckpt.TrainState()
+    if c.load is not None:
+        state = ckpt.load_checkpoint(cfg, model, optimizer, scheduler, c.load,
+                                     load_optimizer=not c.no_load_optim, load_rng=not c.no_load_rng)
+        if c.no_load_optim:
+            state = ckpt.TrainState(iteration=state.iteration, consumed_samples=state.consumed_samples)
+        scheduler.step(increment=state.iteration - scheduler.num_steps)
+
+    logging_rank = is_logging_rank()
+    metrics = MetricsLogger(_metrics_path(cfg) if logging_rank else None,
+                            tensorboard_dir=cfg.logging.tensorboard_dir if logging_rank else None,
+                            run_dir=c.save if logging_rank else None)
+    if logging_rank and c.save:
+        Path(c.save).mkdir(parents=True, exist_ok=True)
+
+    train_batches = data.train_batches(state.consumed_samples)
+    valid_batches = data.valid_batches()
+    summary = RunSummary()
+    tokens_per_step = t.global_batch_size * t.seq_length
+    start = time.perf_counter()
+    last_saved = None
+
+    def run_evaluation() -> None:
+        if not valid_batches:  # the split has no validation share
+            return
+        val_loss = evaluate(model, valid_batches, cfg)
+        if logging_rank:
+            record = {"iteration": state.iteration, "val_loss": val_loss}
+            metrics.log(record, stdout=f"iter {state.iteration:6d} | validation loss {val_loss:.4f}")
+            summary.evaluations.append(record)
+
+    while state.iteration < t.train_iters:
+        step_start = time.perf_counter()
+        lr = scheduler.get_lr(optimizer.param_groups[0])
+        loss, grad_norm, skipped = train_step(model, optimizer, scheduler, next(train_batches), cfg)
+        state.iteration += 1
+        state.consumed_samples += t.global_batch_size
+        elapsed = time.perf_counter() - step_start
+
+        if logging_rank:
+            if t.exit_on_nonfinite_loss and not math.isfinite(loss):
+                raise NonFiniteLossError(f"iteration {state.iteration}: loss is {loss}")
+            record = {
+                "iteration": state.iteration,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": tokens_per_step / elapsed,
+                "iteration_time_s": elapsed,
+                "consumed_samples": state.consumed_samples,
+                "skipped": skipped,
+            }
+            show = state.iteration % cfg.logging.log_interval == 0 or state.iteration == t.train_iters
+            metrics.log(record, stdout=_format_step(record, t.train_iters) if show else None)
+            summary.losses.append(loss)
+
+        if t.eval_interval and state.iteration % t.eval_interval == 0:
+            run_evaluation()
+        if c.save and c.save_interval and state.iteration % c.save_interval == 0:
+            summary.checkpoint = str(ckpt.save_checkpoint(cfg, model, optimizer, scheduler, state))
+            last_saved = state.iteration
+            if c.exit_after_save:
+                break
+
+    if not (t.eval_interval and state.iteration % t.eval_interval == 0) and not c.exit_after_save:
+        run_evaluation()
+    if c.save and last_saved != state.iteration and not c.exit_after_save:
+        summary.checkpoint = str(ckpt.save_checkpoint(cfg, model, optimizer, scheduler, state))
+
+    summary.iterations = state.iteration
+    summary.seconds = time.perf_counter() - start
+    if summary.losses:
+        summary.first_loss, summary.last_loss = summary.losses[0], summary.losses[-1]
+    metrics.close()
+    return summary
+
+
+def _format_step(r: dict, total: int) -> str:
+    grad = "n/a" if r["grad_norm"] is None else f"{r['grad_norm']:.3f}"
+    return (
+        f"iter {r['iteration']:6d}/{total} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | grad norm {grad} | "
+        f"{r['tokens_per_s']:.0f} tok/s | {r['iteration_time_s'] * 1000:.0f} ms"
+    )
