@@ -57,10 +57,15 @@ def main(argv=None) -> int:
     from pretrain.summary import print_summary
     from pretrain.train import pretrain
 
+    from pretrain.checkpoint import CheckpointError
+
     try:
         summary = pretrain(cfg)
+    except (CheckpointError, ConfigError, FileNotFoundError) as exc:  # bad input: the message says it all
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
-        logging.getLogger("pretrain").error("training failed: %s", exc, exc_info=True)
+        logging.getLogger("pretrain").error("training failed", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print_summary(cfg, summary)

@@ -39,8 +39,6 @@ logger = logging.getLogger(__name__)
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "run_config.yaml"
 CHECKPOINT_VERSION = 3.0
-# Optimizer state stored per model parameter, so it loads at any TP/PP/DP layout.
-DISTRIBUTED_OPTIMIZER_SHARDING = "fully_sharded_model_space"
 
 
 class CheckpointError(RuntimeError):
@@ -88,6 +86,11 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
     if not (directory / "metadata.json").is_file():
         raise CheckpointError(f"{directory}: checkpoint named by {path / TRACKER_FILE} is missing or incomplete")
     return directory, iteration
+
+
+def _short(exc: Exception, limit: int = 600) -> str:
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _model_key(index: int, num_chunks: int) -> str:
@@ -139,9 +142,14 @@ def _rng_sharded_object(data) -> ShardedObject:
     return ShardedObject("rng_state", data, shape, offset, replica_id=0)
 
 
+def unwrap(chunk):
+    """The GPTModel inside a DDP wrapper (state dict keys must not carry 'module.')."""
+    return getattr(chunk, "module", chunk)
+
+
 def model_sharded_state_dict(model_chunks) -> dict:
     """The sharded model state of this rank: ``model`` or ``model0``, ``model1``, ..."""
-    return {_model_key(i, len(model_chunks)): chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+    return {_model_key(i, len(model_chunks)): unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
 
 
 def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, cfg: RunConfig,
@@ -149,7 +157,7 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, c
     sd = model_sharded_state_dict(model_chunks)
     if include_optimizer:
         sd["optimizer"] = optimizer.sharded_state_dict(
-            sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": DISTRIBUTED_OPTIMIZER_SHARDING}
+            sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": cfg.checkpoint.optimizer_sharding}
         )
         sd["opt_param_scheduler"] = scheduler.state_dict()
     if include_rng:
@@ -158,8 +166,30 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, c
     sd["consumed_samples"] = state.consumed_samples
     sd["checkpoint_version"] = CHECKPOINT_VERSION
     sd["parallel_layout"] = _layout()
+    sd["use_distributed_optimizer"] = cfg.parallel.use_distributed_optimizer
     sd["run_config"] = to_dict(cfg)
     return sd
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Create Adam's lazily allocated state before a distributed-optimizer load.
+
+    Without Transformer Engine or apex, megatron-core's DistributedOptimizer
+    reads each parameter's Adam ``step`` while building the state dict to load
+    into, and fresh torch Adam has none yet. One step with zero gradients, zero
+    learning rate and zero weight decay creates the state without moving any
+    weight; the load then overwrites it.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or len(inner.state) > 0 or not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            continue
+        saved = [(g["lr"], g["weight_decay"]) for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+        opt._init_optimizer_states_with_dummy_values()
+        for g, (lr, wd) in zip(inner.param_groups, saved):
+            g["lr"], g["weight_decay"] = lr, wd
 
 
 def save_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, state: TrainState,
@@ -215,20 +245,30 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
     has_optimizer = load_optimizer and "opt_param_scheduler" in common
     if load_optimizer and not has_optimizer:
         logger.warning("%s holds no optimizer state: starting a fresh optimizer", directory)
+    saved_dist_opt = common.get("use_distributed_optimizer", cfg.parallel.use_distributed_optimizer)
+    if has_optimizer and saved_dist_opt != cfg.parallel.use_distributed_optimizer:
+        raise CheckpointError(
+            f"{directory}: optimizer state was saved with use_distributed_optimizer={saved_dist_opt}, this run has "
+            f"parallel.use_distributed_optimizer={cfg.parallel.use_distributed_optimizer}; "
+            "set checkpoint.no_load_optim=true to load the weights with a fresh optimizer"
+        )
+    if has_optimizer and cfg.parallel.use_distributed_optimizer:
+        _materialize_optimizer_state(optimizer)
 
     sd = _sharded_state_dict(model_chunks, optimizer, scheduler, state, cfg,
                              include_optimizer=has_optimizer, include_rng=load_rng, is_loading=True)
-    for key in ("iteration", "consumed_samples", "checkpoint_version", "parallel_layout", "run_config"):
+    for key in ("iteration", "consumed_samples", "checkpoint_version", "parallel_layout", "run_config",
+                "use_distributed_optimizer"):
         sd.pop(key)
     if has_optimizer:
         sd.pop("opt_param_scheduler")
     try:
         loaded = dist_checkpointing.load(sd, str(directory))
     except Exception as exc:
-        raise CheckpointError(f"{directory}: cannot load into this model: {exc}") from exc
+        raise CheckpointError(f"{directory}: cannot load into this model: {_short(exc)}") from exc
 
     for i, chunk in enumerate(model_chunks):
-        chunk.load_state_dict(loaded[_model_key(i, len(model_chunks))])
+        unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))])
     if has_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["opt_param_scheduler"])

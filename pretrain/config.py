@@ -176,6 +176,12 @@ class CheckpointConfig:
     save_interval: Optional[int] = doc(None, "Save every this many iterations (and at the end).")
     load: Optional[str] = doc(None, "Resume from this run directory's latest checkpoint (or an iter_* directory).")
     format: Literal["torch_dist"] = doc("torch_dist", "Checkpoint format (megatron-core dist_checkpointing).")
+    optimizer_sharding: Literal["fully_reshardable", "dp_reshardable"] = doc(
+        "fully_reshardable",
+        "Distributed-optimizer state layout: fully_reshardable stores it per model parameter (loads at any "
+        "TP/PP/DP; gathered per DP group at save), dp_reshardable stores each rank's buffers (faster, "
+        "reloads only at the same TP/PP).",
+    )
     no_load_optim: bool = doc(False, "Resume weights only; fresh optimizer state.")
     no_load_rng: bool = doc(False, "Do not restore RNG states.")
     exit_after_save: bool = doc(False, "Stop after the first checkpoint save (for tests of crash/resume).")

@@ -206,6 +206,38 @@ def _patch_megatron_rng() -> None:
     mp_random._set_cuda_rng_state = set_state
 
 
+def _patch_distributed_optimizer_step_state() -> None:
+    """Let the distributed optimizer load Adam state when torch's Adam keeps a ``step`` tensor.
+
+    Without TE or apex (always the case on CPUs) megatron-core falls back to
+    torch Adam, whose per-parameter state holds ``step``. Loading
+    ``fully_reshardable`` state restores ``step`` from the param groups but then
+    copies every state key from the checkpoint tensors, which skip ``step`` on
+    purpose, and fails with KeyError. Supplying the already-restored ``step``
+    for that key makes the copy a no-op. The restored ``step`` is also one
+    tensor shared by all parameters, which torch Adam would then advance once
+    per parameter per step; each parameter gets its own copy.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    @functools.wraps(original)
+    def set_states(self, model_param, tensors):
+        if not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8 and "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+            if "step" in state:
+                # megatron-core hands every parameter the same step tensor; torch
+                # Adam increments each parameter's step in place, so give each its own.
+                state["step"] = state["step"].clone()
+                tensors = {**tensors, "step": state["step"]}
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
 def _patch_moe() -> None:
     """Placeholder for MoE-specific redirections (see the MoE module docs)."""
 
@@ -222,6 +254,7 @@ def enable() -> bool:
         return False
     _patch_torch_cuda()
     _patch_megatron_rng()
+    _patch_distributed_optimizer_step_state()
     _patch_moe()
     _MODE = CudaToCpuMode()
     _MODE.__enter__()
