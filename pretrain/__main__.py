@@ -47,7 +47,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         validate(cfg, world_size=world_size)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:  # every rank fails the same way; say it once
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.validate_only:
         print(f"config OK for world size {world_size}")

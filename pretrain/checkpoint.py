@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from torch.distributed.checkpoint.api import CheckpointException
+
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -88,8 +90,33 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
     return directory, iteration
 
 
-def _short(exc: Exception, limit: int = 600) -> str:
-    text = str(exc)
+def truncated_files(directory: str | Path) -> list[str]:
+    """Tensor files shorter than the byte ranges the checkpoint's .metadata records for them."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+    except Exception:
+        return [".metadata"]
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    damaged = []
+    for name, size in sorted(needed.items()):
+        path = Path(directory) / name
+        if not path.is_file() or path.stat().st_size < size:
+            damaged.append(name)
+    return damaged
+
+
+def _describe_failure(exc: BaseException, limit: int = 600) -> str:
+    """One readable line for a failed load (DCP wraps per-rank errors with full tracebacks)."""
+    if isinstance(exc, CheckpointException):
+        errors = [f[0] if isinstance(f, tuple) else f for f in exc.failures.values()]
+        causes = {f"{type(e).__name__}: {e}".strip().rstrip(":") for e in errors}
+        text = f"reading the tensor files failed on ranks {sorted(exc.failures)} ({'; '.join(sorted(causes))})"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
@@ -264,8 +291,11 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
         sd.pop("opt_param_scheduler")
     try:
         loaded = dist_checkpointing.load(sd, str(directory))
-    except Exception as exc:
-        raise CheckpointError(f"{directory}: cannot load into this model: {_short(exc)}") from exc
+    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+        damaged = truncated_files(directory)
+        if damaged:
+            raise CheckpointError(f"{directory}: truncated tensor file(s) {', '.join(damaged)}") from None
+        raise CheckpointError(f"{directory}: cannot load into this model: {_describe_failure(exc)}") from None
 
     for i, chunk in enumerate(model_chunks):
         unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))])

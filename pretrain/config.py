@@ -463,7 +463,6 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
         _require(t.eval_interval >= 1, f"train.eval_interval: {t.eval_interval} must be null or >= 1")
     if c.save_interval is not None:
         _require(c.save_interval >= 1, f"checkpoint.save_interval: {c.save_interval} must be null or >= 1")
-        _require(c.save is not None, "checkpoint.save_interval is set but checkpoint.save (the run directory) is not")
     if d.tokenizer == "hf":
         _require(d.tokenizer_file is not None, "data.tokenizer: hf needs data.tokenizer_file (a tokenizers JSON file)")
         _require(Path(d.tokenizer_file).is_file(), f"data.tokenizer_file: {d.tokenizer_file} does not exist")
@@ -484,6 +483,11 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
             "model.transformer_impl: transformer_engine needs CUDA; use auto or local on CPU",
         )
         _require(not cfg.moe.grouped_gemm, "moe.grouped_gemm needs CUDA; set it false on CPU")
+        _require(
+            not p.sequence_parallel,
+            "parallel.sequence_parallel needs Transformer Engine or apex norms (megatron-core's torch norm refuses "
+            "it), which need CUDA; set it false on CPU",
+        )
         _require(not p.overlap_grad_reduce and not p.overlap_param_gather,
                  "parallel.overlap_grad_reduce/overlap_param_gather need CUDA streams; set them false on CPU")
 

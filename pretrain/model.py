@@ -128,6 +128,9 @@ def build_model(cfg: RunConfig, platform: Platform, vocab_size: int) -> List[GPT
     """One GPTModel per virtual pipeline chunk held by this rank (usually one)."""
     config = transformer_config(cfg, platform)
     te = use_transformer_engine(cfg, platform)
+    if cfg.parallel.sequence_parallel and not te:
+        raise ValueError("parallel.sequence_parallel needs the Transformer Engine layer spec "
+                         "(model.transformer_impl: auto with TE installed, or transformer_engine)")
     vp_size = cfg.parallel.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vp_size or 1):

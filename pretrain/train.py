@@ -274,6 +274,9 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
     if logging_rank and c.save:
         Path(c.save).mkdir(parents=True, exist_ok=True)
 
+    if c.load is not None:
+        metrics.log({"iteration": state.iteration, "event": "resume", "checkpoint": str(c.load),
+                     "consumed_samples": state.consumed_samples})
     train_batches = data.train_batches(state.consumed_samples)
     valid_batches = data.valid_batches()
     summary = RunSummary()

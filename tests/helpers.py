@@ -1,0 +1,82 @@
+"""Shared test utilities: launching real torchrun jobs of ``python -m pretrain``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DENSE = REPO / "configs" / "tiny-dense.yaml"
+
+# A smaller, faster shape than configs/tiny-dense.yaml for multi-process tests.
+FAST = (
+    "model.num_layers=4",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.ffn_hidden_size=128",
+    "train.seq_length=64",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+    "train.eval_iters=2",
+    "train.eval_interval=null",
+    "scheduler.warmup_iters=2",
+    "scheduler.wsd_decay_iters=4",
+    "optimizer.lr=3e-3",
+    "logging.log_interval=5",
+    "checkpoint.save_interval=null",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+    run_dir: Path
+
+    @property
+    def metrics(self) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    @property
+    def losses(self) -> list[float]:
+        return [r["loss"] for r in self.metrics if "loss" in r]
+
+    @property
+    def val_losses(self) -> list[tuple[int, float]]:
+        return [(r["iteration"], r["val_loss"]) for r in self.metrics if "val_loss" in r]
+
+
+def run_pretrain(run_dir: Path, nproc: int, overrides: Sequence[str] = (), config: Path = TINY_DENSE,
+                 fast: bool = True, timeout: int = 600, check: bool = True, env: Optional[dict] = None) -> Run:
+    """Launch ``torchrun --nproc-per-node nproc -m pretrain`` and return its exit code, output and metrics."""
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-port", str(free_port()), "-m", "pretrain", "--config", str(config),
+        *(FAST if fast else ()), f"checkpoint.save={run_dir}", *overrides,
+    ]
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    run = Run(proc.returncode, proc.stdout + proc.stderr, Path(run_dir))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pretrain failed ({proc.returncode}):\n{run.output[-6000:]}")
+    return run
+
+
+def run_module(module: str, *args: str, env: Optional[dict] = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m module args`` with the repo on the path."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

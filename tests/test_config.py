@@ -1,0 +1,153 @@
+"""Run config: YAML + overrides -> typed dataclasses, and validation that names the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import REPO, run_module
+from pretrain.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    load_config,
+    reference_markdown,
+    save_config,
+    to_dict,
+    validate,
+)
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_required_key_names_exist():
+    cfg = RunConfig()
+    for dotted in [
+        "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.ffn_hidden_size",
+        "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
+        "parallel.expert_model_parallel_size", "train.train_iters", "train.seed", "train.micro_batch_size",
+        "train.global_batch_size", "train.seq_length", "checkpoint.save", "checkpoint.save_interval",
+        "checkpoint.load", "logging.metrics_file",
+    ]:
+        section, key = dotted.split(".")
+        assert hasattr(getattr(cfg, section), key), dotted
+
+
+def test_yaml_and_overrides_are_typed(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": {"hidden_size": 32}, "optimizer": {"lr": "1e-3"}}))
+    cfg = load_config(path, ["train.train_iters=7", "model.num_attention_heads=2", "data.data_path=[0.5, a, 0.5, b]",
+                             "checkpoint.save=null", "parallel.use_distributed_optimizer=true"])
+    assert cfg.model.hidden_size == 32
+    assert cfg.optimizer.lr == pytest.approx(1e-3) and isinstance(cfg.optimizer.lr, float)
+    assert cfg.train.train_iters == 7
+    assert cfg.model.num_attention_heads == 2
+    assert cfg.data.data_path == [0.5, "a", 0.5, "b"]
+    assert cfg.checkpoint.save is None
+    assert cfg.parallel.use_distributed_optimizer is True
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(ConfigError, match=r"unknown key 'model.hiden_size'.*did you mean 'model.hidden_size'"):
+        config_from_dict({"model": {"hiden_size": 3}})
+    with pytest.raises(ConfigError, match="unknown key 'trian'"):
+        config_from_dict({}, ["trian.train_iters=3"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.train_iters=abc"], r"train.train_iters: 'abc' is not an integer"),
+        (["train.precision=fp8"], r"train.precision: 'fp8' is not one of"),
+        (["parallel.sequence_parallel=3"], r"parallel.sequence_parallel: 3 is not a boolean"),
+        (["model.num_layers=null"], r"model.num_layers: null is not allowed"),
+    ],
+)
+def test_type_errors_name_key_and_value(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({}, overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, world_size, message",
+    [
+        (["parallel.tensor_model_parallel_size=3"], 3,
+         r"parallel.tensor_model_parallel_size: 3 does not divide model.num_attention_heads=4"),
+        (["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"], 2,
+         r"world size 2 is not divisible by .* = 2 x 2 = 4"),
+        (["train.global_batch_size=6", "train.micro_batch_size=4"], 1,
+         r"train.global_batch_size: 6 is not divisible by train.micro_batch_size x data-parallel size"),
+        (["model.num_layers=3", "parallel.pipeline_model_parallel_size=2"], 2, r"model.num_layers: 3 is not divisible"),
+        (["scheduler.warmup_iters=100", "train.train_iters=100"], 1, r"scheduler.warmup_iters: 100 must be in"),
+        (["optimizer.min_lr=1.0", "optimizer.lr=0.1"], 1, r"optimizer.min_lr"),
+        (["moe.num_experts=4", "moe.router_topk=5"], 1, r"moe.router_topk: 5 must be between 1 and moe.num_experts=4"),
+        (["moe.num_experts=3", "parallel.expert_model_parallel_size=2"], 2,
+         r"moe.num_experts: 3 is not divisible by parallel.expert_model_parallel_size=2"),
+        (["train.precision=fp16", "train.device=cpu"], 1, r"train.precision: fp16 needs CUDA"),
+        (["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2", "train.device=cpu"], 2,
+         r"parallel.sequence_parallel needs Transformer Engine"),
+    ],
+)
+def test_inconsistent_configs_are_refused(overrides, world_size, message):
+    cfg = config_from_dict({}, overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, world_size=world_size, cuda_available=False)
+
+
+def test_missing_data_path_names_the_file(tmp_path):
+    cfg = config_from_dict({}, [f"data.data_path=[{tmp_path / 'nope'}]"])
+    with pytest.raises(ConfigError, match=r"data.data_path: .*nope.bin does not exist"):
+        validate(cfg)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny-dense.yaml", ["train.train_iters=11"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert to_dict(again) == to_dict(cfg)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_validate_at_their_world_size(path):
+    """Every config in configs/ states the world size it is for (a comment: '# world_size: N')."""
+    text = path.read_text()
+    world = 2
+    for line in text.splitlines():
+        if line.startswith("# world_size:"):
+            world = int(line.split(":")[1])
+    cfg = load_config(path, ["checkpoint.load=null"])
+    validate(cfg, world_size=world, cuda_available="tiny" not in path.name)
+
+
+def test_reference_documents_every_section():
+    text = reference_markdown()
+    for section in ("model", "moe", "parallel", "train", "optimizer", "scheduler", "data", "checkpoint", "logging"):
+        assert f"### `{section}`" in text
+    assert "`train.global_batch_size`" in text
+
+
+def test_cli_rejects_bad_config_before_training(tmp_path):
+    proc = run_module("pretrain", "--config", str(REPO / "configs" / "tiny-dense.yaml"),
+                      "parallel.tensor_model_parallel_size=2", env={"WORLD_SIZE": "3"})
+    assert proc.returncode == 2
+    assert "error: world size 3 is not divisible" in proc.stderr
+    proc = run_module("pretrain", "--config", str(REPO / "configs" / "tiny-dense.yaml"), "model.hidden=3")
+    assert proc.returncode == 2 and "unknown key 'model.hidden'" in proc.stderr
+    proc = run_module("pretrain", "--config", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2 and "missing.yaml does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "tiny" not in p.name], ids=lambda p: p.name)
+def test_paper_scale_configs_build_a_megatron_transformer_config(path):
+    """megatron-core accepts the shapes and parallel settings (no weights are allocated)."""
+    import torch
+
+    from pretrain.model import transformer_config
+    from pretrain.platform import Platform
+
+    cfg = load_config(path)
+    gpu = Platform(device=torch.device("cuda", 0), backend="nccl", rank=0, world_size=1, local_rank=0)
+    tc = transformer_config(cfg, gpu)
+    assert tc.num_layers == cfg.model.num_layers and tc.hidden_size == cfg.model.hidden_size
+    assert tc.tensor_model_parallel_size == cfg.parallel.tensor_model_parallel_size
+    assert tc.bf16 and tc.params_dtype == torch.bfloat16

@@ -1,0 +1,123 @@
+"""Dense GPT training with real torchrun processes on gloo: TP, PP, DP, resume, resharding."""
+
+import shutil
+
+import pytest
+import yaml
+
+from helpers import run_pretrain
+from pretrain.checkpoint import TRACKER_FILE
+
+pytestmark = pytest.mark.slow
+
+ITERS = 24
+
+
+def falls(losses: list[float]) -> bool:
+    return sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0
+
+
+@pytest.fixture(scope="module")
+def tp2_run(tmp_path_factory):
+    """TP=2, saving at 12 and 24, validating every 12."""
+    run_dir = tmp_path_factory.mktemp("tp2")
+    return run_pretrain(run_dir, 2, [f"train.train_iters={ITERS}", "parallel.tensor_model_parallel_size=2",
+                                     "checkpoint.save_interval=12", "train.eval_interval=12"])
+
+
+def test_tp2_trains_logs_and_saves(tp2_run):
+    run = tp2_run
+    assert len(run.losses) == ITERS and falls(run.losses), run.losses
+    steps = [r for r in run.metrics if "loss" in r]
+    for field in ("iteration", "loss", "lr", "grad_norm", "tokens_per_s", "consumed_samples"):
+        assert all(field in r for r in steps), field
+    assert [r["iteration"] for r in steps] == list(range(1, ITERS + 1))
+    assert steps[-1]["consumed_samples"] == ITERS * 8
+    assert [it for it, _ in run.val_losses] == [12, 24]
+    assert run.val_losses[1][1] < run.val_losses[0][1]
+    # Megatron layout, tracker, resolved config beside each checkpoint.
+    assert (run.run_dir / TRACKER_FILE).read_text().strip() == str(ITERS)
+    for it in (12, 24):
+        d = run.run_dir / f"iter_{it:07d}"
+        assert (d / "metadata.json").is_file() and (d / "common.pt").is_file() and (d / ".metadata").is_file()
+        saved = yaml.safe_load((d / "run_config.yaml").read_text())
+        assert saved["parallel"]["tensor_model_parallel_size"] == 2
+    assert "run summary" in run.output and "validation" in run.output
+
+
+@pytest.mark.parametrize("layout", [["parallel.pipeline_model_parallel_size=2"], []], ids=["pp2", "dp2"])
+def test_pp2_and_dp2_train(tmp_path, layout, tp2_run):
+    run = run_pretrain(tmp_path / "run", 2, [f"train.train_iters={ITERS}", *layout])
+    assert falls(run.losses), run.losses
+    if not layout:  # DP=2 (TP=1) and TP=2 start from the same weights and data
+        assert run.losses[0] == pytest.approx(tp2_run.losses[0], rel=1e-5)
+
+
+def test_resume_continues_exactly(tmp_path, tp2_run):
+    """12 iterations, stop, resume to 24: the same losses as the uninterrupted TP=2 run."""
+    first = run_pretrain(tmp_path / "run", 2, [f"train.train_iters={ITERS}", "parallel.tensor_model_parallel_size=2",
+                                               "checkpoint.save_interval=12", "checkpoint.exit_after_save=true",
+                                               "train.eval_interval=12"])
+    assert len(first.losses) == 12
+    resumed = run_pretrain(tmp_path / "run", 2, [f"train.train_iters={ITERS}", "parallel.tensor_model_parallel_size=2",
+                                                 "checkpoint.save_interval=12", f"checkpoint.load={tmp_path / 'run'}",
+                                                 "train.eval_interval=12"])
+    assert resumed.losses == tp2_run.losses  # the metrics file was appended to
+    assert resumed.val_losses == tp2_run.val_losses
+
+
+def test_distributed_optimizer_resume_and_load_at_another_layout(tmp_path, tp2_run):
+    """A TP=2 checkpoint loads at PP=2 with the distributed optimizer state path, and vice versa."""
+    src = tp2_run.run_dir / "iter_0000012"
+    pp2 = run_pretrain(tmp_path / "pp2", 2, [f"train.train_iters={ITERS}", "parallel.pipeline_model_parallel_size=2",
+                                             f"checkpoint.load={src}"])
+    # Same weights, optimizer state and data position: iteration 13 sees the same loss.
+    assert pp2.losses[0] == pytest.approx(tp2_run.losses[12], rel=1e-5)
+    assert pp2.losses[-1] == pytest.approx(tp2_run.losses[-1], rel=1e-3)
+
+    dist = run_pretrain(tmp_path / "do", 2, ["train.train_iters=12", "parallel.use_distributed_optimizer=true",
+                                             "checkpoint.save_interval=6"])
+    again = run_pretrain(tmp_path / "do2", 2, ["train.train_iters=12", "parallel.use_distributed_optimizer=true",
+                                               f"checkpoint.load={tmp_path / 'do' / 'iter_0000006'}"])
+    assert again.losses == dist.losses[6:]
+    tp = run_pretrain(tmp_path / "do-tp2", 2, ["train.train_iters=12", "parallel.use_distributed_optimizer=true",
+                                               "parallel.tensor_model_parallel_size=2",
+                                               f"checkpoint.load={tmp_path / 'do' / 'iter_0000006'}"])
+    assert tp.losses[0] == pytest.approx(dist.losses[6], rel=1e-5)
+
+
+def test_bad_checkpoint_load_fails_clearly(tmp_path, tp2_run):
+    broken = tmp_path / "broken"
+    shutil.copytree(tp2_run.run_dir / "iter_0000012", broken / "iter_0000012")
+    (broken / TRACKER_FILE).write_text("12\n")
+    (broken / "iter_0000012" / "__0_0.distcp").write_bytes(b"garbage")
+    run = run_pretrain(tmp_path / "out", 2, ["train.train_iters=14", f"checkpoint.load={broken}"], check=False)
+    assert run.returncode != 0
+    assert "iter_0000012" in run.output and "error:" in run.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = run_pretrain(tmp_path / "out2", 1, ["train.train_iters=14", f"checkpoint.load={empty}"], check=False)
+    assert run.returncode != 0 and "latest_checkpointed_iteration.txt" in run.output
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import FAST, REPO, TINY_DENSE, free_port
+
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+            str(REPO / "tests" / "scripts" / "crash_during_save.py"), str(TINY_DENSE), *FAST,
+            f"checkpoint.save={run_dir}", "train.train_iters=12", "checkpoint.save_interval=6"]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert (run_dir / TRACKER_FILE).read_text().strip() == "6"
+    assert not (run_dir / "iter_0000012").exists()
+    assert (run_dir / "iter_0000012.incomplete").exists()
+    # Resuming picks up the last complete checkpoint and finishes the run.
+    resumed = run_pretrain(run_dir, 2, ["train.train_iters=12", "checkpoint.save_interval=6",
+                                        f"checkpoint.load={run_dir}"])
+    assert [r["iteration"] for r in resumed.metrics if "loss" in r][-6:] == list(range(7, 13))
+    assert (run_dir / TRACKER_FILE).read_text().strip() == "12"
+    assert not (run_dir / "iter_0000012.incomplete").exists()
