@@ -151,3 +151,8 @@ def test_paper_scale_configs_build_a_megatron_transformer_config(path):
     assert tc.num_layers == cfg.model.num_layers and tc.hidden_size == cfg.model.hidden_size
     assert tc.tensor_model_parallel_size == cfg.parallel.tensor_model_parallel_size
     assert tc.bf16 and tc.params_dtype == torch.bfloat16
+
+
+def test_config_reference_doc_is_current():
+    doc = (REPO / "docs" / "config.md").read_text()
+    assert reference_markdown() in doc, "regenerate docs/config.md: python -m pretrain.config --reference"
