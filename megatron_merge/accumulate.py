@@ -1,0 +1,138 @@
+"""The merge loop, in one place: weighted fp32 accumulation of one piece at a time.
+
+A *piece* is any block of a tensor that one process owns: a chunk stored in a checkpoint file
+(offline merging) or a rank's partition of a parameter (in-training merging). Formats only say
+which parts of each input make up the piece and where to put the result; this module does the
+arithmetic, so every format and both merge modes produce the same bits.
+
+Arithmetic (the contract the tests and every format rely on), for a piece and inputs i = 1..N::
+
+    acc = 0                                            # in the accumulation dtype (fp32 | fp64)
+    for i in 1..N:                                     # oldest first
+        acc = fl(acc + fl(x_i * fl(w_i)))              # x_i converted exactly to acc dtype
+    result = acc.to(source dtype)                      # round to nearest even
+
+``w_i`` is rounded to the accumulation dtype once; multiplication and addition are separate,
+correctly rounded operations (no fused multiply-add), so an element's result depends only on
+its own input values and the weights -- never on where it sits in a chunk, how the tensor is
+sharded, or which SIMD path ran. That is what makes a TP=2 and a TP=1 checkpoint merge to
+bit-identical tensors.
+
+Peak memory is the accumulator plus one input part and its converted copy: a few times the
+piece size, independent of model size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from megatron_merge.errors import MergeError
+
+ACCUMULATE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+
+Region = tuple[slice, ...]
+
+
+@dataclass(frozen=True)
+class PiecePart:
+    """Values from one input that fill ``region`` of the piece being merged.
+
+    ``origin`` says where the values came from (file, key, chunk) for error messages.
+    """
+
+    region: Region
+    values: torch.Tensor
+    origin: str
+
+
+def resolve_accumulate_dtype(name: str) -> torch.dtype:
+    """``"fp32"`` / ``"fp64"`` -> the torch dtype."""
+    try:
+        return ACCUMULATE_DTYPES[name]
+    except KeyError:
+        raise MergeError(
+            f"accumulate dtype must be one of {sorted(ACCUMULATE_DTYPES)}, got {name!r}"
+        ) from None
+
+
+def merge_piece(
+    shape: Sequence[int],
+    out_dtype: torch.dtype,
+    weights: Sequence[float],
+    parts_of_input: Callable[[int], Iterable[PiecePart]],
+    acc_dtype: torch.dtype = torch.float32,
+    allow_nonfinite: bool = False,
+    describe_piece: str = "piece",
+) -> torch.Tensor:
+    """Merge one piece: ``sum_i weights[i] * input_i``, cast back to ``out_dtype``.
+
+    Args:
+        shape: shape of the piece.
+        out_dtype: dtype to store the result in (the source dtype).
+        weights: one weight per input, oldest first.
+        parts_of_input: ``parts_of_input(i)`` yields the parts of input ``i`` that together
+            cover the piece exactly once; they are consumed one at a time (streaming).
+        acc_dtype: accumulation dtype (float32, or float64 on request).
+        allow_nonfinite: accept NaN/Inf in input values instead of raising.
+        describe_piece: how to name the piece in error messages.
+
+    Raises:
+        MergeError: an input's parts do not cover the piece, or hold NaN/Inf.
+    """
+    acc = torch.zeros(tuple(shape), dtype=acc_dtype)
+    piece_numel = acc.numel()
+    for i, weight in enumerate(weights):
+        weight_t = torch.tensor(weight, dtype=acc_dtype)
+        covered = 0
+        for part in parts_of_input(i):
+            if not allow_nonfinite and not _all_finite(part.values):
+                raise MergeError(
+                    f"non-finite values (NaN/Inf) in {part.origin}; "
+                    f"pass --allow-nonfinite to merge anyway"
+                )
+            term = part.values.to(acc_dtype, copy=True)
+            term.mul_(weight_t)
+            acc[part.region].add_(term)  # plain add: no alpha, so no fused multiply-add
+            covered += part.values.numel()
+            del term, part
+        if covered != piece_numel:
+            raise MergeError(
+                f"input {i + 1} covers {covered} of {piece_numel} elements of {describe_piece}; "
+                f"its stored chunks do not tile the tensor"
+            )
+    return acc.to(out_dtype)
+
+
+def _all_finite(values: torch.Tensor) -> bool:
+    # A NaN/Inf anywhere makes the sum non-finite; a finite sum (one fast reduction) proves
+    # every element finite. Only a non-finite sum (or an overflowing one) needs the full check.
+    if bool(torch.isfinite(values.sum())):
+        return True
+    return bool(torch.isfinite(values).all())
+
+
+def intersect(
+    a_offsets: Sequence[int], a_sizes: Sequence[int], b_offsets: Sequence[int], b_sizes: Sequence[int]
+) -> tuple[list[int], list[int]] | None:
+    """Global offsets and sizes of the overlap of two boxes, or None if they do not overlap."""
+    offsets, sizes = [], []
+    for ao, asz, bo, bsz in zip(a_offsets, a_sizes, b_offsets, b_sizes):
+        lo, hi = max(ao, bo), min(ao + asz, bo + bsz)
+        if hi <= lo:
+            return None
+        offsets.append(lo)
+        sizes.append(hi - lo)
+    return offsets, sizes
+
+
+def region_within(offsets: Sequence[int], sizes: Sequence[int], base: Sequence[int]) -> Region:
+    """Slices selecting the box (``offsets``, ``sizes``) inside a block that starts at ``base``."""
+    return tuple(slice(o - b, o - b + s) for o, s, b in zip(offsets, sizes, base))
+
+
+def numel(sizes: Sequence[int]) -> int:
+    return math.prod(sizes)

@@ -1,0 +1,72 @@
+"""Atomic output directories: written aside, renamed into place only when complete.
+
+A merge writes into a hidden sibling of the output (same file system, so the final rename is
+atomic). If anything fails, the sibling is removed and the output path is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from megatron_merge.errors import MergeError
+
+logger = logging.getLogger(__name__)
+
+
+def check_output_path(out: str | Path, inputs: Sequence[str | Path], force: bool) -> Path:
+    """Refuse an output that exists (unless ``force``) or that overlaps an input."""
+    out = Path(out)
+    resolved_out = out.resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if resolved_out == source or source in resolved_out.parents or resolved_out in source.parents:
+            raise MergeError(f"{out}: output overlaps input {source}; inputs are never modified")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise MergeError(f"{out}: already exists; pass --force to replace it")
+        if not out.is_dir() or out.is_symlink():
+            raise MergeError(f"{out}: exists and is not a directory; not replacing it")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of ``out``; on success move it to ``out``.
+
+    An existing ``out`` (allowed by :func:`check_output_path` with ``force``) is replaced only
+    after the new directory is complete.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.merging-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %s", out)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
