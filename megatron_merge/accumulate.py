@@ -18,6 +18,16 @@ its own input values and the weights -- never on where it sits in a chunk, how t
 sharded, or which SIMD path ran. That is what makes a TP=2 and a TP=1 checkpoint merge to
 bit-identical tensors.
 
+EMA is computed by the paper's recursion instead, because an in-training EMA keeps a single
+accumulator and offline and online merging must agree bit for bit::
+
+    acc = x_1                                          # exact in the accumulation dtype
+    for i in 2..N:
+        acc = fl(fl(x_i * fl(alpha)) + fl(acc * fl(1 - alpha)))
+
+which equals ``sum_i w_i x_i`` with the EMA weights up to rounding. :func:`ema_update` is the
+one step of it that both the offline loop and the in-training merger call.
+
 Peak memory is the accumulator plus one input part and its converted copy: a few times the
 piece size, independent of model size.
 """
@@ -67,6 +77,7 @@ def merge_piece(
     acc_dtype: torch.dtype = torch.float32,
     allow_nonfinite: bool = False,
     describe_piece: str = "piece",
+    ema_alpha: float | None = None,
 ) -> torch.Tensor:
     """Merge one piece: ``sum_i weights[i] * input_i``, cast back to ``out_dtype``.
 
@@ -79,6 +90,8 @@ def merge_piece(
         acc_dtype: accumulation dtype (float32, or float64 on request).
         allow_nonfinite: accept NaN/Inf in input values instead of raising.
         describe_piece: how to name the piece in error messages.
+        ema_alpha: combine by the EMA recursion with this alpha (``weights`` then only
+            give the count of inputs); see the module docstring.
 
     Raises:
         MergeError: an input's parts do not cover the piece, or hold NaN/Inf.
@@ -94,9 +107,14 @@ def merge_piece(
                     f"non-finite values (NaN/Inf) in {part.origin}; "
                     f"pass --allow-nonfinite to merge anyway"
                 )
-            term = part.values.to(acc_dtype, copy=True)
-            term.mul_(weight_t)
-            acc[part.region].add_(term)  # plain add: no alpha, so no fused multiply-add
+            if ema_alpha is None:
+                term = part.values.to(acc_dtype, copy=True)
+                term.mul_(weight_t)
+                acc[part.region].add_(term)  # plain add: no alpha, so no fused multiply-add
+            else:
+                region = acc[part.region]
+                ema_update(region, part.values, ema_alpha, first=(i == 0))
+                term = None
             covered += part.values.numel()
             del term, part
         if covered != piece_numel:
@@ -105,6 +123,18 @@ def merge_piece(
                 f"its stored chunks do not tile the tensor"
             )
     return acc.to(out_dtype)
+
+
+def ema_update(acc: torch.Tensor, values: torch.Tensor, alpha: float, first: bool) -> None:
+    """One EMA step in place: ``acc = values`` for the first input, else
+    ``acc = fl(values * alpha) + fl(acc * (1 - alpha))`` in ``acc``'s dtype."""
+    if first:
+        acc.copy_(values)
+        return
+    term = values.to(acc.dtype, copy=True)
+    term.mul_(torch.tensor(alpha, dtype=acc.dtype))
+    acc.mul_(torch.tensor(1.0 - alpha, dtype=acc.dtype))
+    acc.add_(term)
 
 
 def _all_finite(values: torch.Tensor) -> bool:

@@ -131,6 +131,11 @@ class MergePlan:
         return self.checkpoints[-1]
 
     @property
+    def ema_alpha(self) -> float | None:
+        """Set for EMA merges, which combine by the recursion (see :mod:`accumulate`)."""
+        return self.alpha if self.method == "ema" else None
+
+    @property
     def bytes_to_write(self) -> int:
         return sum(f.nbytes for f in self.files)
 
@@ -348,17 +353,18 @@ class _MergeContext:
     acc_dtype: torch.dtype
     allow_nonfinite: bool
     out_dir: Path
+    ema_alpha: float | None = None  # EMA merges use the recursion (see accumulate)
 
 
 _WORKER_CONTEXT: _MergeContext | None = None
 
 
-def _init_worker(paths, weights, acc_dtype_name, allow_nonfinite, out_dir, threads) -> None:
+def _init_worker(paths, weights, acc_dtype_name, allow_nonfinite, out_dir, threads, ema_alpha) -> None:
     global _WORKER_CONTEXT
     torch.set_num_threads(threads)
     _WORKER_CONTEXT = _MergeContext(
         [TorchDistCheckpoint(p) for p in paths], weights, resolve_accumulate_dtype(acc_dtype_name),
-        allow_nonfinite, Path(out_dir),
+        allow_nonfinite, Path(out_dir), ema_alpha,
     )
 
 
@@ -405,7 +411,7 @@ def _merge_chunk(ctx: _MergeContext, item: ItemPlan) -> torch.Tensor:
     dtype = ctx.checkpoints[-1].tensor_metadata(item.key).properties.dtype
     return merge_piece(
         item.sizes, dtype, ctx.weights, parts_of_input, ctx.acc_dtype, ctx.allow_nonfinite,
-        describe_piece=f"key {item.key!r} chunk at offsets {item.offsets}",
+        describe_piece=f"key {item.key!r} chunk at offsets {item.offsets}", ema_alpha=ctx.ema_alpha,
     )
 
 
@@ -433,7 +439,7 @@ def execute_plan(
         if workers <= 1 or len(plan.files) <= 1:
             ctx = _MergeContext(
                 plan.checkpoints, plan.weights, resolve_accumulate_dtype(plan.accumulate_dtype),
-                allow_nonfinite, out_dir,
+                allow_nonfinite, out_dir, plan.ema_alpha,
             )
             for file_plan in plan.files:
                 storage_data.update(write_output_file(ctx, file_plan, on_item=bar.update))
@@ -474,7 +480,7 @@ def _run_workers(plan, out_dir, workers, allow_nonfinite, bar) -> dict:
         initializer=_init_worker,
         initargs=(
             [str(c.path) for c in plan.checkpoints], plan.weights, plan.accumulate_dtype,
-            allow_nonfinite, str(out_dir), threads,
+            allow_nonfinite, str(out_dir), threads, plan.ema_alpha,
         ),
     ) as pool:
         futures = {pool.submit(_write_file_in_worker, f): f for f in files}

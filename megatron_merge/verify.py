@@ -46,11 +46,17 @@ def verify_merge(plan, out_dir: str | Path, samples: int = 8, seed: int = 0,
         items = [item for item in chosen if item.key == key]
         meta = newest.tensor_metadata(key)
         expected = [torch.zeros(tuple(item.sizes), dtype=acc_dtype) for item in items]
-        for ckpt, weight in zip(plan.checkpoints, plan.weights):
+        for i, (ckpt, weight) in enumerate(zip(plan.checkpoints, plan.weights)):
             whole = _load_whole(ckpt.path, key, meta)
-            weight_t = torch.tensor(weight, dtype=acc_dtype)
             for acc, item in zip(expected, items):
-                acc.add_(whole[_box(item)].to(acc_dtype) * weight_t)
+                x = whole[_box(item)].to(acc_dtype)
+                if plan.ema_alpha is None:  # sum_i w_i x_i
+                    acc.add_(x * torch.tensor(weight, dtype=acc_dtype))
+                elif i == 0:  # the EMA recursion
+                    acc.copy_(x)
+                else:
+                    a = torch.tensor(plan.ema_alpha, dtype=acc_dtype)
+                    acc.copy_(x * a + acc * torch.tensor(1.0 - plan.ema_alpha, dtype=acc_dtype))
             del whole
         merged = _load_whole(out_dir, key, meta)
         for acc, item in zip(expected, items):

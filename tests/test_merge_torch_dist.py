@@ -206,9 +206,18 @@ def load_full(path: Path, key: str) -> torch.Tensor:
     return state[key]
 
 
-def reference_merge(paths, key, weights, acc_dtype=torch.float32) -> torch.Tensor:
-    """sum_i w_i * x_i, oldest first, in the accumulation dtype, rounded back once."""
+def reference_merge(paths, key, weights, acc_dtype=torch.float32, ema_alpha=None) -> torch.Tensor:
+    """sum_i w_i * x_i, oldest first, in the accumulation dtype, rounded back once.
+
+    With ``ema_alpha``: the paper's recursion M = a * x_i + (1 - a) * M, starting from x_1.
+    """
     tensors = [load_full(p, key) for p in paths]
+    if ema_alpha is not None:
+        a, keep = torch.tensor(ema_alpha, dtype=acc_dtype), torch.tensor(1 - ema_alpha, dtype=acc_dtype)
+        acc = tensors[0].to(acc_dtype)
+        for tensor in tensors[1:]:
+            acc = tensor.to(acc_dtype) * a + acc * keep
+        return acc.to(tensors[0].dtype)
     acc = torch.zeros(tensors[0].shape, dtype=acc_dtype)
     for tensor, weight in zip(tensors, weights):
         acc = acc + tensor.to(acc_dtype) * weight
@@ -273,7 +282,7 @@ def test_merge_is_bit_exact_against_reference(ckpts, tmp_path, method, options):
     weights = merge_weights(method, 3, **options)
     assert result.plan.weights == weights
     for key in MERGED_KEYS:
-        expected = reference_merge(inputs, key, weights)
+        expected = reference_merge(inputs, key, weights, ema_alpha=options.get("alpha"))
         merged = load_full(out, key)
         assert merged.dtype == TENSORS[key][1]
         assert torch.equal(merged, expected), key
@@ -290,7 +299,7 @@ def test_fp64_accumulation(ckpts, tmp_path):
     merge_checkpoints(inputs, tmp_path / "m", "ema", alpha=0.3, accumulate_dtype="fp64")
     weights = merge_weights("ema", 4, alpha=0.3)
     for key in MERGED_KEYS:
-        expected = reference_merge(inputs, key, weights, acc_dtype=torch.float64)
+        expected = reference_merge(inputs, key, weights, acc_dtype=torch.float64, ema_alpha=0.3)
         assert torch.equal(load_full(tmp_path / "m", key), expected), key
 
 
@@ -428,7 +437,7 @@ def test_cli_run_directory_last_every_verify(ckpts, tmp_path):
     assert "verified" in proc.stderr
     inputs = [it_dir(ckpts / "run_tp2", i) for i in (20, 40)]
     key = "decoder.layers.0.mlp.linear_fc2.weight"
-    assert torch.equal(load_full(out, key), reference_merge(inputs, key, merge_weights("ema", 2, alpha=0.2)))
+    assert torch.equal(load_full(out, key), reference_merge(inputs, key, merge_weights("ema", 2, alpha=0.2), ema_alpha=0.2))
 
 
 def test_cli_dry_run_prints_plan_and_writes_nothing(ckpts, tmp_path, capsys):
