@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -102,21 +102,13 @@ def merge_piece(
         weight_t = torch.tensor(weight, dtype=acc_dtype)
         covered = 0
         for part in parts_of_input(i):
-            if not allow_nonfinite and not _all_finite(part.values):
-                raise MergeError(
-                    f"non-finite values (NaN/Inf) in {part.origin}; "
-                    f"pass --allow-nonfinite to merge anyway"
-                )
+            check_finite(part.values, part.origin, allow_nonfinite)
             if ema_alpha is None:
-                term = part.values.to(acc_dtype, copy=True)
-                term.mul_(weight_t)
-                acc[part.region].add_(term)  # plain add: no alpha, so no fused multiply-add
+                add_weighted(acc[part.region], part.values, weight_t)
             else:
-                region = acc[part.region]
-                ema_update(region, part.values, ema_alpha, first=(i == 0))
-                term = None
+                ema_update(acc[part.region], part.values, ema_alpha, first=(i == 0))
             covered += part.values.numel()
-            del term, part
+            del part
         if covered != piece_numel:
             raise MergeError(
                 f"input {i + 1} covers {covered} of {piece_numel} elements of {describe_piece}; "
@@ -125,16 +117,54 @@ def merge_piece(
     return acc.to(out_dtype)
 
 
+def add_weighted(acc: torch.Tensor, values: torch.Tensor, weight: torch.Tensor | float) -> None:
+    """``acc += fl(values * weight)`` in ``acc``'s dtype: one step of the weighted sum."""
+    weight = weight if isinstance(weight, torch.Tensor) else torch.tensor(weight, dtype=acc.dtype)
+    for acc_block, values_block in _row_blocks(acc, values):
+        term = values_block.to(acc.dtype, copy=True)
+        term.mul_(weight)
+        acc_block.add_(term)  # plain add: no alpha, so no fused multiply-add
+
+
+def check_finite(values: torch.Tensor, origin: str, allow_nonfinite: bool = False) -> None:
+    """Raise MergeError naming ``origin`` if ``values`` hold NaN/Inf (unless allowed)."""
+    if not allow_nonfinite and not _all_finite(values):
+        raise MergeError(f"non-finite values (NaN/Inf) in {origin}; pass --allow-nonfinite to merge anyway")
+
+
 def ema_update(acc: torch.Tensor, values: torch.Tensor, alpha: float, first: bool) -> None:
     """One EMA step in place: ``acc = values`` for the first input, else
     ``acc = fl(values * alpha) + fl(acc * (1 - alpha))`` in ``acc``'s dtype."""
     if first:
         acc.copy_(values)
         return
-    term = values.to(acc.dtype, copy=True)
-    term.mul_(torch.tensor(alpha, dtype=acc.dtype))
-    acc.mul_(torch.tensor(1.0 - alpha, dtype=acc.dtype))
-    acc.add_(term)
+    alpha_t = torch.tensor(alpha, dtype=acc.dtype)
+    keep_t = torch.tensor(1.0 - alpha, dtype=acc.dtype)
+    for acc_block, values_block in _row_blocks(acc, values):
+        term = values_block.to(acc.dtype, copy=True)
+        term.mul_(alpha_t)
+        acc_block.mul_(keep_t)
+        acc_block.add_(term)
+
+
+# Elements per block of an in-place update (1 MiB of fp32). Going block by block keeps the
+# converted term in cache between its convert, multiply and add passes, and makes it a small
+# temporary that the allocator reuses; a whole-chunk temporary costs a fresh allocation (page
+# faults) per chunk and three round trips to memory -- 3-5x the time on large chunks. The
+# arithmetic is elementwise, so the result is bit-identical to the whole-tensor form.
+_BLOCK_ELEMS = 1 << 18
+
+
+def _row_blocks(acc: torch.Tensor, values: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Matching views of ``acc`` and ``values`` in blocks of whole rows (dim 0) of about
+    ``_BLOCK_ELEMS`` elements; the tensors themselves when small, of other shapes, or off CPU."""
+    rows = acc.shape[0] if acc.dim() else 0
+    if acc.numel() <= _BLOCK_ELEMS or acc.device.type != "cpu" or values.shape != acc.shape:
+        yield acc, values
+        return
+    step = max(1, _BLOCK_ELEMS * rows // acc.numel())
+    for start in range(0, rows, step):
+        yield acc[start:start + step], values[start:start + step]
 
 
 def _all_finite(values: torch.Tensor) -> bool:

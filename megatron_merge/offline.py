@@ -52,7 +52,7 @@ from megatron_merge.accumulate import (
 )
 from megatron_merge.atomic_output import atomic_output_dir, check_output_path
 from megatron_merge.errors import MergeError
-from megatron_merge.formats import open_checkpoint
+from megatron_merge.formats import input_format, open_checkpoint
 from megatron_merge.formats.torch_dist import (
     COMMON_FILE,
     DCP_METADATA_FILE,
@@ -69,9 +69,12 @@ logger = logging.getLogger(__name__)
 
 MERGE_RECORD_FILE = "merge.json"
 OPTIMIZER_PREFIX = "optimizer."
+# The in-training merger's own state (snapshots, EMA accumulator) inside `pretrain` checkpoints:
+# training state like the optimizer's, never a model weight to average.
+MERGE_STATE_PREFIX = "merge_state."
 # Non-sharded optimizer entries of common.pt (Megatron-LM and `pretrain` both write these);
 # a loader that finds them expects optimizer tensors too, so --model-only removes them.
-COMMON_OPTIMIZER_KEYS = ("optimizer", "opt_param_scheduler")
+COMMON_OPTIMIZER_KEYS = ("optimizer", "opt_param_scheduler", "merge_state_meta")
 
 MERGE, COPY, DROP = "merge", "copy", "drop"
 
@@ -169,6 +172,10 @@ def classify_key(key: str, meta, model_only: bool) -> tuple[str, str]:
         if model_only:
             return DROP, "optimizer state (--model-only)"
         return COPY, "optimizer state"
+    if key.startswith(MERGE_STATE_PREFIX):
+        if model_only:
+            return DROP, "in-training merge state (--model-only)"
+        return COPY, "in-training merge state"
     if isinstance(meta, BytesStorageMetadata):
         return COPY, "opaque object"
     dtype = meta.properties.dtype
@@ -186,8 +193,14 @@ def plan_merge(
     normalize: bool = True,
     model_only: bool = False,
     accumulate_dtype: str = "fp32",
+    format: str | None = None,
 ) -> MergePlan:
-    """Read the inputs' metadata, check them, and decide what happens to every item."""
+    """Read the inputs' metadata, check them, and decide what happens to every item.
+
+    ``format`` is ``"torch_dist"``, ``"torch"`` (legacy Megatron) or ``"deepspeed"``; by default
+    it is detected from the inputs. The per-rank-file formats return a
+    :class:`~megatron_merge.formats.rank_files.RankFileMergePlan` (same interface).
+    """
     refs = _as_refs(inputs)
     if len(refs) < 2:
         raise MergeError(f"merging needs at least 2 checkpoints, got {len(refs)}")
@@ -198,11 +211,19 @@ def plan_merge(
     acc_dtype = resolve_accumulate_dtype(accumulate_dtype)  # a bad name fails before any reading
     if method == "ema" and alpha is None:
         alpha = DEFAULT_EMA_ALPHA
-    checkpoints = [open_checkpoint(ref.path) for ref in refs]
+    fmt = input_format([ref.path for ref in refs], format)
+    checkpoints = [open_checkpoint(ref.path, fmt) for ref in refs]
     refs = [
         ref if ref.iteration is not None else dataclasses.replace(ref, iteration=ckpt.iteration())
         for ref, ckpt in zip(refs, checkpoints)
     ]
+    if fmt != "torch_dist":  # legacy Megatron / DeepSpeed: merged file by file
+        from megatron_merge.formats.rank_files import plan_rank_file_merge
+
+        return plan_rank_file_merge(
+            refs, checkpoints, merge_w, method=method, alpha=alpha, normalize=normalize,
+            model_only=model_only, accumulate_dtype=accumulate_dtype,
+        )
     newest = checkpoints[-1]
     if not (newest.path / COMMON_FILE).exists():
         raise MergeError(f"{newest.path / COMMON_FILE}: missing; not a complete torch_dist checkpoint")
@@ -534,8 +555,13 @@ def merge_checkpoints(
     verify: bool = False,
     verify_samples: int = 8,
     progress: bool = False,
+    format: str | None = None,
 ) -> MergeResult:
-    """Merge ``torch_dist`` checkpoints (ordered oldest first) into ``out``.
+    """Merge checkpoints (ordered oldest first) into ``out``, in their own format.
+
+    ``format``: ``"torch_dist"``, ``"torch"`` (legacy Megatron) or ``"deepspeed"``; detected
+    from the inputs by default. torch_dist merges chunk by chunk (inputs may differ in layout);
+    the others file by file, each output file written in the newest input's layout.
 
     ``method``/``alpha``/``weights``/``normalize`` choose the weights
     (:func:`megatron_merge.weights.merge_weights`). ``model_only`` drops optimizer state
@@ -552,18 +578,21 @@ def merge_checkpoints(
     out = check_output_path(out, [r.path for r in refs], force)
     plan = plan_merge(
         refs, method, alpha=alpha, weights=weights, normalize=normalize,
-        model_only=model_only, accumulate_dtype=accumulate_dtype,
+        model_only=model_only, accumulate_dtype=accumulate_dtype, format=format,
     )
     logger.info("merge plan:\n%s", plan.describe())
     verified = 0
     with atomic_output_dir(out) as tmp:
-        execute_plan(
-            plan, tmp, workers=workers, allow_nonfinite=allow_nonfinite, progress=progress,
-            checkpoint_id=str(out.resolve()),
-        )
-        (tmp / MERGE_RECORD_FILE).write_text(
-            json.dumps(merge_record(plan, out, allow_nonfinite), indent=2) + "\n"
-        )
+        if isinstance(plan, MergePlan):
+            execute_plan(
+                plan, tmp, workers=workers, allow_nonfinite=allow_nonfinite, progress=progress,
+                checkpoint_id=str(out.resolve()),
+            )
+            record = merge_record(plan, out, allow_nonfinite)
+        else:  # a per-rank-file format plans, writes and records itself
+            plan.execute(tmp, workers=workers, allow_nonfinite=allow_nonfinite, progress=progress)
+            record = plan.record(out, allow_nonfinite)
+        (tmp / MERGE_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
         if verify:
             from megatron_merge.verify import verify_merge
 

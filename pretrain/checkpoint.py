@@ -81,11 +81,15 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
             return path, int(path.name[len("iter_"):])
         except ValueError:
             raise CheckpointError(f"{path}: directory name is not iter_NNNNNNN") from None
+    from pretrain.legacy_checkpoint import is_legacy_checkpoint, stored_iteration
+
+    if is_legacy_checkpoint(path):  # a legacy-format checkpoint under another name (a merge output)
+        return path, stored_iteration(path)
     iteration = read_tracker(path)
     if iteration is None:
         raise CheckpointError(f"{path}: no {TRACKER_FILE} (not a run directory with a saved checkpoint)")
     directory = iteration_dir(path, iteration)
-    if not (directory / "metadata.json").is_file():
+    if not ((directory / "metadata.json").is_file() or is_legacy_checkpoint(directory)):
         raise CheckpointError(f"{directory}: checkpoint named by {path / TRACKER_FILE} is missing or incomplete")
     return directory, iteration
 
@@ -189,13 +193,20 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, c
         sd["opt_param_scheduler"] = scheduler.state_dict()
     if include_rng:
         sd["rng_state"] = _rng_sharded_object(_rng_state() if not is_loading else None)
-    sd["iteration"] = state.iteration
-    sd["consumed_samples"] = state.consumed_samples
-    sd["checkpoint_version"] = CHECKPOINT_VERSION
-    sd["parallel_layout"] = _layout()
-    sd["use_distributed_optimizer"] = cfg.parallel.use_distributed_optimizer
-    sd["run_config"] = to_dict(cfg)
+    sd.update(common_entries(cfg, state))
     return sd
+
+
+def common_entries(cfg: RunConfig, state: TrainState) -> dict:
+    """The non-sharded part of a checkpoint (common.pt): where training stands and how it ran."""
+    return {
+        "iteration": state.iteration,
+        "consumed_samples": state.consumed_samples,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "parallel_layout": _layout(),
+        "use_distributed_optimizer": cfg.parallel.use_distributed_optimizer,
+        "run_config": to_dict(cfg),
+    }
 
 
 def _materialize_optimizer_state(optimizer) -> None:
@@ -219,11 +230,15 @@ def _materialize_optimizer_state(optimizer) -> None:
             g["lr"], g["weight_decay"] = lr, wd
 
 
-def save_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, state: TrainState,
-                    root: Optional[str | Path] = None) -> Path:
-    """Write a complete checkpoint of ``state.iteration`` under ``root`` (default checkpoint.save)."""
-    root = Path(root or cfg.checkpoint.save)
-    final = iteration_dir(root, state.iteration)
+def write_checkpoint(sharded_state_dict: dict, root: str | Path, iteration: int, cfg: RunConfig,
+                     extra_files: Optional[dict] = None) -> Path:
+    """Save ``sharded_state_dict`` as ``<root>/iter_NNNNNNN`` atomically and point the tracker at it.
+
+    Collective: every rank calls it. ``extra_files`` (name -> text) are written beside the
+    tensors (by rank 0) before the directory becomes visible.
+    """
+    root = Path(root)
+    final = iteration_dir(root, iteration)
     staging = final.with_name(final.name + ".incomplete")
     rank = dist.get_rank()
     if rank == 0:
@@ -233,13 +248,13 @@ def save_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, state: T
         staging.mkdir()
     dist.barrier()
 
-    sd = _sharded_state_dict(model_chunks, optimizer, scheduler, state, cfg,
-                             include_optimizer=True, include_rng=True, is_loading=False)
-    dist_checkpointing.save(sd, str(staging))
+    dist_checkpointing.save(sharded_state_dict, str(staging))
     dist.barrier()
 
     if rank == 0:
         save_config(cfg, staging / CONFIG_FILE)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
         if final.exists():  # re-saving an iteration: replace it only once the new one is whole
             old = final.with_name(final.name + ".old")
             final.rename(old)
@@ -249,17 +264,42 @@ def save_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, state: T
             staging.rename(final)
         tracker = root / TRACKER_FILE
         tmp = tracker.with_name(tracker.name + ".tmp")
-        tmp.write_text(f"{state.iteration}\n")
+        tmp.write_text(f"{iteration}\n")
         tmp.replace(tracker)
         logger.info("saved checkpoint %s", final)
     dist.barrier()
     return final
 
 
+def save_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, state: TrainState,
+                    root: Optional[str | Path] = None, merger=None) -> Path:
+    """Write a complete training checkpoint of ``state.iteration`` under ``root`` (default checkpoint.save).
+
+    With ``merger`` (an in-training :class:`~megatron_merge.online.PartitionMerger`) its merge
+    state is saved too, sharded like the parameters.
+    """
+    if cfg.checkpoint.format == "torch":  # Megatron's legacy layout: pretrain/legacy_checkpoint.py
+        if merger is not None:
+            raise CheckpointError("checkpoint.format: torch cannot hold the in-training merge state; use torch_dist")
+        from pretrain.legacy_checkpoint import save_legacy_checkpoint
+
+        return save_legacy_checkpoint(cfg, model_chunks, optimizer, scheduler, state, root)
+    sd = _sharded_state_dict(model_chunks, optimizer, scheduler, state, cfg,
+                             include_optimizer=True, include_rng=True, is_loading=False)
+    if merger is not None:
+        sd["merge_state"] = merger.sharded_state_dict()
+        sd["merge_state_meta"] = merger.common_state()
+    return write_checkpoint(sd, root or cfg.checkpoint.save, state.iteration, cfg)
+
+
 def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: str | Path,
-                    load_optimizer: bool = True, load_rng: bool = True) -> TrainState:
+                    load_optimizer: bool = True, load_rng: bool = True, merger=None) -> TrainState:
     """Restore model (and optimizer, scheduler, RNG) from ``path``; megatron-core reshards as needed."""
     directory, _ = resolve_checkpoint(path)
+    from pretrain.legacy_checkpoint import is_legacy_checkpoint, load_legacy_checkpoint
+
+    if is_legacy_checkpoint(directory):  # the format is told by the directory's contents
+        return load_legacy_checkpoint(cfg, model_chunks, optimizer, scheduler, directory, load_optimizer, load_rng)
     common = dist_checkpointing.load_common_state_dict(str(directory))
     if "iteration" not in common:
         raise CheckpointError(f"{directory / 'common.pt'}: key 'iteration' missing (not a pretrain checkpoint)")
@@ -284,11 +324,13 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
 
     sd = _sharded_state_dict(model_chunks, optimizer, scheduler, state, cfg,
                              include_optimizer=has_optimizer, include_rng=load_rng, is_loading=True)
-    for key in ("iteration", "consumed_samples", "checkpoint_version", "parallel_layout", "run_config",
-                "use_distributed_optimizer"):
+    for key in common_entries(cfg, state):
         sd.pop(key)
     if has_optimizer:
         sd.pop("opt_param_scheduler")
+    merge_meta = common.get("merge_state_meta")
+    if merger is not None and merge_meta is not None:
+        sd["merge_state"] = merger.sharded_state_dict(is_loading=True, saved=merge_meta)
     try:
         loaded = dist_checkpointing.load(sd, str(directory))
     except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
@@ -304,5 +346,7 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])
+    if merger is not None and merge_meta is not None:
+        merger.load_state(merge_meta, loaded.get("merge_state", {}))
     logger.info("loaded checkpoint %s (iteration %d, %d samples consumed)", directory, state.iteration, state.consumed_samples)
     return state

@@ -80,8 +80,10 @@ class MoEConfig:
     num_experts: Optional[int] = doc(None, "Experts per MoE layer; null = dense model.")
     router_topk: int = doc(2, "Experts each token is routed to.")
     ffn_hidden_size: Optional[int] = doc(None, "Expert MLP width; null = model.ffn_hidden_size.")
-    aux_loss_coeff: float = doc(0.01, "Load-balancing auxiliary loss coefficient (0 disables it).")
-    z_loss_coeff: Optional[float] = doc(None, "Router z-loss coefficient; null disables it.")
+    aux_loss_coeff: float = doc(
+        0.01, "Load-balancing auxiliary loss coefficient for aux_loss / seq_aux_loss (0 disables it)."
+    )
+    z_loss_coeff: Optional[float] = doc(None, "Router z-loss coefficient (ST-MoE); null or 0 disables it.")
     load_balancing_type: Literal["aux_loss", "seq_aux_loss", "sinkhorn", "none"] = doc(
         "aux_loss", "Load-balancing strategy."
     )
@@ -175,7 +177,12 @@ class CheckpointConfig:
     save: Optional[str] = doc(None, "Run directory: iter_NNNNNNN/ checkpoints, metrics, config.")
     save_interval: Optional[int] = doc(None, "Save every this many iterations (and at the end).")
     load: Optional[str] = doc(None, "Resume from this run directory's latest checkpoint (or an iter_* directory).")
-    format: Literal["torch_dist"] = doc("torch_dist", "Checkpoint format (megatron-core dist_checkpointing).")
+    format: Literal["torch_dist", "torch"] = doc(
+        "torch_dist",
+        "Save format: torch_dist = megatron-core dist_checkpointing (reshardable); torch = Megatron's legacy "
+        "per-rank mp_rank_*/model_optim_rng.pt files (loads only at the saved TP/PP/EP layout; no distributed "
+        "optimizer). Loading detects the format from the directory.",
+    )
     optimizer_sharding: Literal["fully_reshardable", "dp_reshardable"] = doc(
         "fully_reshardable",
         "Distributed-optimizer state layout: fully_reshardable stores it per model parameter (loads at any "
@@ -197,6 +204,37 @@ class LoggingConfig:
 
 
 @dataclass
+class MergeConfig:
+    """Checkpoint merging during training (PMA): each rank merges its own parameter partition.
+
+    Memory per rank, in bytes per parameter of the rank's partition, with D data-parallel
+    replicas sharing the work (each parameter's merge state lives on one replica) and b the
+    parameter dtype's size (4 fp32, 2 bf16): storage host/device keeps N snapshots, N*b/D
+    (sma, wma, wsm-*, weights) or one fp32 accumulator, 4/D (ema); storage disk keeps nothing
+    and re-reads this rank's partition of the last N checkpoints when merged weights are needed.
+    Materialising the merged weights (at evaluations and saves) briefly needs 2*b more.
+    """
+
+    enabled: bool = doc(False, "Merge checkpoints during training.")
+    method: Literal["sma", "ema", "wma", "weights", "wsm-linear", "wsm-minus-sqrt"] = doc(
+        "sma", "Merge method (as megatron-merge --method). ema is a running EMA over every snapshot."
+    )
+    window: int = doc(10, "N: merge the newest N snapshots (sma, wma, wsm-*, weights).")
+    interval: Optional[int] = doc(None, "V in iterations: snapshot every this many iterations.")
+    interval_tokens: Optional[float] = doc(
+        None, "V in tokens, converted to iterations by global_batch_size x seq_length (instead of interval)."
+    )
+    start_iteration: int = doc(0, "No snapshots before this iteration (e.g. the end of warmup).")
+    ema_alpha: float = doc(0.2, "EMA factor in (0, 1] (method ema).")
+    weights: list = doc([], "Explicit weights, oldest first, one per window slot (method weights).")
+    save: bool = doc(True, "Write merged checkpoints to <checkpoint.save>/merged/iter_N at each save.")
+    eval: bool = doc(True, "Validation loss of the merged weights (val_loss_merged) at every evaluation.")
+    storage: Literal["host", "device", "disk"] = doc(
+        "host", "Where snapshots live: host (pinned CPU) | device (GPU) | disk (the saved checkpoints)."
+    )
+
+
+@dataclass
 class RunConfig:
     """A whole pre-training run."""
 
@@ -209,6 +247,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
 
 
 # ---------------------------------------------------------------------------
@@ -432,6 +471,9 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
         _require(tp > 1, "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
     if p.overlap_param_gather:
         _require(p.use_distributed_optimizer, "parallel.overlap_param_gather needs parallel.use_distributed_optimizer: true")
+    _require(not (c.format == "torch" and p.use_distributed_optimizer),
+             "checkpoint.format: torch does not support parallel.use_distributed_optimizer (Megatron-LM keeps that "
+             "state in separate distrib_optim.pt files); use checkpoint.format: torch_dist")
     for key, value in [("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout)]:
         _require(0.0 <= value < 1.0, f"{key}: {value} must be in [0, 1)")
     _require(m.init_method_std > 0, f"model.init_method_std: {m.init_method_std} must be > 0")
@@ -440,6 +482,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
                  "model.recompute_num_layers must be >= 1 with model.recompute_granularity: full")
 
     _validate_moe(cfg)
+    _validate_merge(cfg)
 
     # Optimizer and schedule.
     _require(o.lr > 0 and math.isfinite(o.lr), f"optimizer.lr: {o.lr} must be a positive number")
@@ -516,6 +559,50 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
             _require(micro % pp == 0, f"interleaved pipelining needs microbatches per step ({micro}) divisible by PP={pp}")
 
 
+def merge_interval_iterations(cfg: RunConfig) -> int:
+    """V in iterations (merge.interval, or merge.interval_tokens over tokens per iteration)."""
+    m = cfg.merge
+    if m.interval is not None:
+        return m.interval
+    return max(1, round(m.interval_tokens / (cfg.train.global_batch_size * cfg.train.seq_length)))
+
+
+def _validate_merge(cfg: RunConfig) -> None:
+    m, c = cfg.merge, cfg.checkpoint
+    if not m.enabled:
+        return
+    _require(m.window >= 2, f"merge.window: {m.window} must be >= 2 (merging needs at least 2 snapshots)")
+    _require((m.interval is None) != (m.interval_tokens is None),
+             "merge: set exactly one of merge.interval (iterations) and merge.interval_tokens")
+    if m.interval is not None:
+        _require(m.interval >= 1, f"merge.interval: {m.interval} must be >= 1")
+    else:
+        tokens = cfg.train.global_batch_size * cfg.train.seq_length
+        _require(m.interval_tokens >= tokens,
+                 f"merge.interval_tokens: {m.interval_tokens:g} is less than one iteration ({tokens} tokens)")
+    _require(0.0 < m.ema_alpha <= 1.0, f"merge.ema_alpha: {m.ema_alpha} must be in (0, 1]")
+    _require(m.start_iteration >= 0, f"merge.start_iteration: {m.start_iteration} must be >= 0")
+    if m.method == "weights":
+        _require(len(m.weights) == m.window and all(_is_number(w) and float(w) >= 0 for w in m.weights)
+                 and sum(float(w) for w in m.weights) > 0,
+                 f"merge.weights: {m.weights!r} must be {m.window} non-negative numbers (one per window slot)")
+    else:
+        _require(not m.weights, "merge.weights is only used with merge.method: weights")
+    if m.save:
+        _require(c.save is not None, "merge.save needs checkpoint.save (merged checkpoints go to <save>/merged)")
+    if m.storage == "disk":
+        interval = merge_interval_iterations(cfg)
+        _require(c.save is not None and c.save_interval is not None,
+                 "merge.storage: disk reads snapshots back from saved checkpoints: set checkpoint.save and "
+                 "checkpoint.save_interval")
+        _require(interval % c.save_interval == 0,
+                 f"merge.storage: disk needs the merge interval ({interval} iterations) to be a multiple of "
+                 f"checkpoint.save_interval={c.save_interval}")
+    if m.storage == "device":
+        _require(_cuda_available() and cfg.train.device != "cpu",
+                 "merge.storage: device keeps snapshots in GPU memory and needs CUDA; use host on CPUs")
+
+
 def _validate_moe(cfg: RunConfig) -> None:
     moe, p = cfg.moe, cfg.parallel
     if moe.num_experts is None:
@@ -534,6 +621,15 @@ def _validate_moe(cfg: RunConfig) -> None:
     if moe.z_loss_coeff is not None:
         _require(moe.z_loss_coeff >= 0, f"moe.z_loss_coeff: {moe.z_loss_coeff} must be >= 0")
     _require(moe.layer_freq >= 1, f"moe.layer_freq: {moe.layer_freq} must be >= 1")
+    _require(
+        p.tensor_model_parallel_size == 1 or p.sequence_parallel,
+        f"parallel.tensor_model_parallel_size: {p.tensor_model_parallel_size} with moe.num_experts needs "
+        "parallel.sequence_parallel: true (megatron-core's MoE layer refuses tensor parallelism without it); "
+        "parallel.expert_tensor_parallel_size splits the experts alone",
+    )
+    if p.expert_tensor_parallel_size is not None:
+        _require(p.expert_tensor_parallel_size >= 1,
+                 f"parallel.expert_tensor_parallel_size: {p.expert_tensor_parallel_size} must be null or >= 1")
     etp = p.expert_tensor_parallel_size or p.tensor_model_parallel_size
     width = moe.ffn_hidden_size or cfg.model.ffn_hidden_size
     _require(width % etp == 0, f"moe.ffn_hidden_size: {width} is not divisible by the expert tensor-parallel size {etp}")
@@ -598,9 +694,20 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
+def reference_document() -> str:
+    """The whole of docs/config.md."""
+    return (
+        "# Run config reference\n\n"
+        "Generated from the dataclasses in `pretrain/config.py` by "
+        "`python -m pretrain.config --reference > docs/config.md`;\n"
+        "a test keeps this file current. Override any key on the command line as `section.key=value`.\n\n"
+        + reference_markdown()
+    )
+
+
 if __name__ == "__main__":
     if "--reference" in sys.argv:
-        print(reference_markdown())
+        print(reference_document(), end="")
     else:
-        print("usage: python -m pretrain.config --reference", file=sys.stderr)
+        print("usage: python -m pretrain.config --reference > docs/config.md", file=sys.stderr)
         sys.exit(2)

@@ -13,11 +13,19 @@ def print_summary(cfg: RunConfig, summary) -> None:
     if summary.first_loss is not None:
         lines.append(f"  training loss     {summary.first_loss:.4f} (first) -> {summary.last_loss:.4f} (last)")
     if summary.evaluations:
-        lines.append("  validation        iteration  val_loss")
-        for record in summary.evaluations:
-            lines.append(f"                    {record['iteration']:9d}  {record['val_loss']:.4f}")
+        merged = any("val_loss_merged" in r for r in summary.evaluations)
+        lines.append("  validation        iteration  val_loss" + ("  val_loss_merged  (merged snapshots)" if merged else ""))
+        for r in summary.evaluations:
+            line = f"                    {r['iteration']:9d}  {r['val_loss']:.4f}"
+            if "val_loss_merged" in r:
+                gain = r["val_loss"] - r["val_loss_merged"]
+                line += (f"  {r['val_loss_merged']:.4f} ({gain:+.4f})  "
+                         f"{r['merge_method']} n={r['merge_n']}, iterations {r['merge_span'][0]}-{r['merge_span'][1]}")
+            lines.append(line)
     if summary.checkpoint:
         lines.append(f"  checkpoint        {summary.checkpoint}")
+    if getattr(summary, "merged_checkpoint", None):
+        lines.append(f"  merged checkpoint {summary.merged_checkpoint}")
     if cfg.checkpoint.save:
         lines.append(f"  metrics           {cfg.logging.metrics_file or cfg.checkpoint.save + '/metrics.jsonl'}")
     lines.append("=" * 72)

@@ -32,8 +32,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from pretrain import checkpoint as ckpt
+from pretrain import moe_metrics
 from pretrain.batches import TrainingData, build_training_data
 from pretrain.config import RunConfig
+from pretrain.merging import build_merger, save_merged_checkpoint
 from pretrain.metrics import MetricsLogger
 from pretrain.model import build_model
 from pretrain.platform import Platform, init_distributed
@@ -56,6 +58,7 @@ class RunSummary:
     evaluations: List[dict] = field(default_factory=list)
     seconds: float = 0.0
     checkpoint: Optional[str] = None
+    merged_checkpoint: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------
@@ -258,11 +261,13 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
     model = wrap_with_ddp(cfg, build_model(cfg, platform, data.vocab_size))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
+    merger = build_merger(cfg, model)  # None unless merge.enabled
 
     state = ckpt.TrainState()
     if c.load is not None:
         state = ckpt.load_checkpoint(cfg, model, optimizer, scheduler, c.load,
-                                     load_optimizer=not c.no_load_optim, load_rng=not c.no_load_rng)
+                                     load_optimizer=not c.no_load_optim, load_rng=not c.no_load_rng,
+                                     merger=merger)
         if c.no_load_optim:
             state = ckpt.TrainState(iteration=state.iteration, consumed_samples=state.consumed_samples)
         scheduler.step(increment=state.iteration - scheduler.num_steps)
@@ -287,18 +292,37 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
     def run_evaluation() -> None:
         if not valid_batches:  # the split has no validation share
             return
-        val_loss = evaluate(model, valid_batches, cfg)
+        record = {"iteration": state.iteration, "val_loss": evaluate(model, valid_batches, cfg)}
+        if merger is not None and cfg.merge.eval and merger.count > 0:
+            # The annealing prediction: the same batches through the merged weights, swapped in
+            # and restored bit-exactly, so training goes on as if nothing happened.
+            with merger.merged_weights_in_model():
+                record["val_loss_merged"] = evaluate(model, valid_batches, cfg)
+            record.update(merger.describe())
         if logging_rank:
-            record = {"iteration": state.iteration, "val_loss": val_loss}
-            metrics.log(record, stdout=f"iter {state.iteration:6d} | validation loss {val_loss:.4f}")
+            line = f"iter {state.iteration:6d} | validation loss {record['val_loss']:.4f}"
+            if "val_loss_merged" in record:
+                line += (f" | merged ({record['merge_method']}, n={record['merge_n']}, "
+                         f"iterations {record['merge_span'][0]}-{record['merge_span'][1]}) "
+                         f"{record['val_loss_merged']:.4f}")
+            metrics.log(record, stdout=line)
             summary.evaluations.append(record)
+
+    def save() -> None:
+        nonlocal last_saved
+        summary.checkpoint = str(ckpt.save_checkpoint(cfg, model, optimizer, scheduler, state, merger=merger))
+        if merger is not None and cfg.merge.save and merger.count > 0:
+            summary.merged_checkpoint = str(save_merged_checkpoint(cfg, merger, model, state))
+        last_saved = state.iteration
 
     while state.iteration < t.train_iters:
         step_start = time.perf_counter()
         lr = scheduler.get_lr(optimizer.param_groups[0])
         loss, grad_norm, skipped = train_step(model, optimizer, scheduler, next(train_batches), cfg)
+        moe_record = moe_metrics.step_metrics(cfg)  # every rank: it reduces across groups; {} when dense
         state.iteration += 1
         state.consumed_samples += t.global_batch_size
+        snapshot = merger is not None and merger.maybe_snapshot(state.iteration)
         elapsed = time.perf_counter() - step_start
 
         if logging_rank:
@@ -313,23 +337,28 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
                 "iteration_time_s": elapsed,
                 "consumed_samples": state.consumed_samples,
                 "skipped": skipped,
+                **moe_record,
             }
+            if snapshot:
+                record["merge_snapshot"] = True
             show = state.iteration % cfg.logging.log_interval == 0 or state.iteration == t.train_iters
             metrics.log(record, stdout=_format_step(record, t.train_iters) if show else None)
             summary.losses.append(loss)
 
+        # Save before evaluating: with merge.storage disk the newest snapshot is this checkpoint.
+        saved_now = bool(c.save and c.save_interval and state.iteration % c.save_interval == 0)
+        if saved_now:
+            save()
         if t.eval_interval and state.iteration % t.eval_interval == 0:
             run_evaluation()
-        if c.save and c.save_interval and state.iteration % c.save_interval == 0:
-            summary.checkpoint = str(ckpt.save_checkpoint(cfg, model, optimizer, scheduler, state))
-            last_saved = state.iteration
-            if c.exit_after_save:
-                break
+        if saved_now and c.exit_after_save:
+            break
 
-    if not (t.eval_interval and state.iteration % t.eval_interval == 0) and not c.exit_after_save:
+    finished = state.iteration >= t.train_iters
+    if c.save and last_saved != state.iteration and finished:
+        save()
+    if finished and not (t.eval_interval and state.iteration % t.eval_interval == 0):
         run_evaluation()
-    if c.save and last_saved != state.iteration and not c.exit_after_save:
-        summary.checkpoint = str(ckpt.save_checkpoint(cfg, model, optimizer, scheduler, state))
 
     summary.iterations = state.iteration
     summary.seconds = time.perf_counter() - start

@@ -14,7 +14,7 @@ def model_keys(path: Path) -> list[str]:
 
     md = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     return sorted(k for k, m in md.items() if isinstance(m, TensorStorageMetadata)
-                  and m.properties.dtype.is_floating_point and not k.startswith("optimizer."))
+                  and m.properties.dtype.is_floating_point and not k.startswith(("optimizer.", "merge_state.")))
 
 
 def load_full(path: Path, key: str) -> torch.Tensor:

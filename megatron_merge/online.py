@@ -1,0 +1,338 @@
+"""The in-training merger: every rank merges its own parameter partition, in place.
+
+Every ``interval`` iterations each rank takes a snapshot of the parameters it holds (its TP
+shard of its PP stage, its experts). Data-parallel replicas hold identical parameters, so each
+parameter's snapshots live on one replica only (its *owner*, chosen by size within the
+replica group): host memory is not duplicated across DP ranks. When merged weights are needed
+(an evaluation, a merged checkpoint) owners merge their parameters with the same arithmetic as
+the offline tool (:func:`megatron_merge.accumulate.merge_piece`, :func:`ema_update`) and
+broadcast the result to the other replicas of their group. No collective ever gathers
+weights across tensor, pipeline or expert partitions.
+
+Storage (``storage``):
+
+* ``host`` / ``device``: snapshots (sma, wma, wsm-*, weights: the newest ``window``) or one fp32
+  accumulator (ema: a running EMA over every snapshot) in CPU (pinned when CUDA is used) or GPU
+  memory.
+* ``disk``: nothing in memory; the snapshots are the training checkpoints saved at those
+  iterations, and each rank reads back only its own partition of them.
+
+The merge state (snapshots or accumulator, and their iterations) is saved inside the training
+checkpoint under ``merge_state.*`` keys that are sharded exactly like the parameters, so a
+resumed run (even at another parallel layout) has the merged weights an uninterrupted run has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_merge.accumulate import PiecePart, add_weighted, check_finite, ema_update, merge_piece
+from megatron_merge.errors import MergeError
+from megatron_merge.weights import merge_weights
+
+logger = logging.getLogger(__name__)
+
+STATE_PREFIX = "merge_state"
+
+
+@dataclass(frozen=True)
+class OnlineMergeSpec:
+    """What to merge and where to keep it (the run config's ``merge`` section, resolved)."""
+
+    method: str
+    window: int
+    interval: int  # V, in iterations
+    start_iteration: int = 0
+    ema_alpha: float = 0.2
+    weights: tuple[float, ...] = ()
+    storage: str = "host"
+
+    def weights_for(self, count: int) -> list[float]:
+        """Weights of ``count`` snapshots (oldest first); one snapshot is taken as it is."""
+        if count == 1:
+            return [1.0]
+        if self.method == "weights":
+            return merge_weights("weights", count, weights=list(self.weights)[-count:])
+        return merge_weights(self.method, count, alpha=self.ema_alpha if self.method == "ema" else None)
+
+    def is_snapshot_iteration(self, iteration: int) -> bool:
+        return iteration >= self.start_iteration and iteration > 0 and iteration % self.interval == 0
+
+
+@dataclass
+class _Slot:
+    """One parameter of this rank and its merge state."""
+
+    name: str
+    param: torch.nn.Parameter
+    sharded: object  # the parameter's ShardedTensor (or factory) in the model's sharded state dict
+    group: Optional[dist.ProcessGroup]  # the replicas holding the same values
+    owner: int  # global rank that keeps this parameter's merge state
+    snapshots: list = field(default_factory=list)  # oldest first (host/device storage)
+    accumulator: Optional[torch.Tensor] = None  # ema
+
+
+class PartitionMerger:
+    """Snapshots and merged weights of this rank's own parameters.
+
+    ``model_chunks`` are the (unwrapped) megatron-core modules of this rank; ``sharded_params``
+    maps each parameter to its sharded-state-dict entry (see :func:`map_sharded_params`);
+    ``replica_group_of`` gives, per parameter, the process group of the ranks holding the same
+    values (data-parallel replicas), or None for no replicas.
+    """
+
+    def __init__(self, spec: OnlineMergeSpec, named_params: Sequence[tuple[str, torch.nn.Parameter]],
+                 sharded_params: dict, replica_group_of, run_dir: Optional[str] = None):
+        self.spec = spec
+        self.run_dir = run_dir
+        self.iterations: list[int] = []  # snapshot iterations in the window, oldest first
+        self.total_snapshots = 0  # every snapshot ever taken (the EMA's length)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self._pending_copy = None  # CUDA event of the newest asynchronous snapshot
+        self.slots = _assign_owners(named_params, sharded_params, replica_group_of)
+
+    # -- taking snapshots -------------------------------------------------------------------
+
+    @property
+    def owned(self) -> list[_Slot]:
+        return [s for s in self.slots if s.owner == self.rank]
+
+    def maybe_snapshot(self, iteration: int) -> bool:
+        """Snapshot this rank's parameters if ``iteration`` is a merge point; returns whether it did."""
+        if not self.spec.is_snapshot_iteration(iteration):
+            return False
+        self.iterations.append(iteration)
+        self.total_snapshots += 1
+        if self.spec.method != "ema":
+            self.iterations = self.iterations[-self.spec.window:]
+        if self.spec.storage == "disk" and self.spec.method != "ema":
+            return True  # the checkpoint saved at this iteration is the snapshot
+        with torch.no_grad():
+            for slot in self.owned:
+                self._record(slot)
+        if torch.cuda.is_available():
+            event = torch.cuda.Event()
+            event.record()
+            self._pending_copy = event
+        return True
+
+    def _record(self, slot: _Slot) -> None:
+        value = slot.param.detach()
+        if self.spec.method == "ema":
+            if slot.accumulator is None:
+                slot.accumulator = torch.empty(value.shape, dtype=torch.float32, device=self._device_for(value),
+                                               pin_memory=self._pin(value))
+            first = self.total_snapshots == 1
+            ema_update(slot.accumulator, value.to(slot.accumulator.device, non_blocking=False),
+                       self.spec.ema_alpha, first=first)
+            return
+        if len(slot.snapshots) == self.spec.window:  # reuse the oldest buffer
+            buffer = slot.snapshots.pop(0)
+        else:
+            buffer = torch.empty(value.shape, dtype=value.dtype, device=self._device_for(value),
+                                 pin_memory=self._pin(value))
+        buffer.copy_(value, non_blocking=buffer.is_pinned())  # ordered before later in-place updates
+        slot.snapshots.append(buffer)
+
+    def _device_for(self, value: torch.Tensor) -> torch.device:
+        return value.device if self.spec.storage == "device" else torch.device("cpu")
+
+    def _pin(self, value: torch.Tensor) -> bool:
+        return self.spec.storage == "host" and value.is_cuda
+
+    def _wait_for_copies(self) -> None:
+        if self._pending_copy is not None:
+            self._pending_copy.synchronize()
+            self._pending_copy = None
+
+    # -- merged weights ---------------------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        """How many snapshots the merged weights combine."""
+        return self.total_snapshots if self.spec.method == "ema" else len(self.iterations)
+
+    def weights(self) -> list[float]:
+        return self.spec.weights_for(self.count)
+
+    def merged_owned(self) -> dict[str, torch.Tensor]:
+        """Merged values of the parameters this rank owns (in the parameters' dtype, on CPU or device)."""
+        if self.count == 0:
+            raise RuntimeError("no snapshot taken yet: nothing to merge")
+        self._wait_for_copies()
+        if self.spec.method == "ema":
+            return {s.name: s.accumulator.to(s.param.dtype) for s in self.owned}
+        if self.spec.storage == "disk":
+            return self._merge_from_disk()
+        weights = self.weights()
+        merged = {}
+        for slot in self.owned:
+            parts = lambda i, slot=slot: [PiecePart(_whole(slot.param), slot.snapshots[i], f"snapshot of {slot.name}")]
+            merged[slot.name] = merge_piece(slot.param.shape, slot.param.dtype, weights, parts,
+                                            describe_piece=slot.name)
+        return merged
+
+    def _merge_from_disk(self) -> dict[str, torch.Tensor]:
+        """Read this rank's owned parameters from each snapshot checkpoint, one checkpoint at a time."""
+        from megatron.core import dist_checkpointing
+
+        weights = self.weights()
+        owned = self.owned
+        acc = {s.name: torch.zeros(s.param.shape, dtype=torch.float32) for s in owned}
+        for i, iteration in enumerate(self.iterations):
+            directory = Path(self.run_dir) / f"iter_{iteration:07d}"
+            if not (directory / "metadata.json").is_file():
+                raise MergeError(f"{directory}: missing; merge.storage: disk reads the snapshot of iteration "
+                                 f"{iteration} back from this checkpoint")
+            request = {s.name: _retarget(s.sharded, s.sharded.key, torch.empty(s.param.shape, dtype=s.param.dtype),
+                                         owner=True) for s in owned}
+            loaded = dist_checkpointing.load(request, str(directory))  # collective: every rank calls it
+            weight = torch.tensor(weights[i], dtype=torch.float32)
+            for slot in owned:
+                values = loaded[slot.name]
+                check_finite(values, f"{directory} (key {slot.sharded.key!r})")
+                add_weighted(acc[slot.name], values, weight)
+            del loaded
+        return {s.name: acc[s.name].to(s.param.dtype) for s in owned}
+
+    @contextlib.contextmanager
+    def merged_weights_in_model(self) -> Iterator[None]:
+        """Swap the merged weights into the model (no grad) and restore the raw ones bit-exactly."""
+        merged = self.merged_owned()
+        with torch.no_grad():
+            backup = [s.param.detach().clone() for s in self.slots]
+            try:
+                for slot in self.slots:
+                    if slot.owner == self.rank:
+                        slot.param.copy_(merged[slot.name])
+                    if slot.group is not None:
+                        dist.broadcast(slot.param.data, src=slot.owner, group=slot.group)
+                yield
+            finally:
+                for slot, raw in zip(self.slots, backup):
+                    slot.param.copy_(raw)
+
+    # -- checkpointing ----------------------------------------------------------------------
+
+    def common_state(self) -> dict:
+        return {"method": self.spec.method, "iterations": list(self.iterations),
+                "total_snapshots": self.total_snapshots, "storage": self.spec.storage,
+                "ema_alpha": self.spec.ema_alpha, "interval": self.spec.interval}
+
+    def sharded_state_dict(self, is_loading: bool = False, saved: Optional[dict] = None) -> dict:
+        """``merge_state.*`` entries sharded like the parameters; only owners take part.
+
+        On load, ``saved`` is the checkpoint's :meth:`common_state` (how many snapshots it holds).
+        """
+        state = saved if is_loading else self.common_state()
+        if state is None or (self.spec.storage == "disk" and self.spec.method != "ema"):
+            return {}
+        entries = {}
+        for slot in self.owned:
+            if self.spec.method == "ema":
+                if state["total_snapshots"] == 0:
+                    continue
+                data = (torch.empty(slot.param.shape, dtype=torch.float32) if is_loading else slot.accumulator)
+                key = f"{STATE_PREFIX}.ema.{slot.sharded.key}"
+                entries[f"ema/{slot.name}"] = _retarget(slot.sharded, key, data, owner=True)
+                continue
+            for j in range(len(state["iterations"])):
+                data = (torch.empty(slot.param.shape, dtype=slot.param.dtype) if is_loading else slot.snapshots[j])
+                key = f"{STATE_PREFIX}.snapshot{j}.{slot.sharded.key}"
+                entries[f"snapshot{j}/{slot.name}"] = _retarget(slot.sharded, key, data, owner=True)
+        return entries
+
+    def load_state(self, saved: dict, loaded: dict) -> None:
+        """Restore from a checkpoint's common state and the loaded ``merge_state`` entries."""
+        if saved.get("method") != self.spec.method:
+            logger.warning("checkpoint merge state is for method %r, this run merges with %r: starting afresh",
+                           saved.get("method"), self.spec.method)
+            return
+        self.iterations = list(saved["iterations"])
+        self.total_snapshots = int(saved["total_snapshots"])
+        for slot in self.owned:
+            if self.spec.method == "ema":
+                if self.total_snapshots:
+                    slot.accumulator = loaded[f"ema/{slot.name}"].to(self._device_for(slot.param))
+            elif not (self.spec.storage == "disk"):
+                slot.snapshots = [loaded[f"snapshot{j}/{slot.name}"].to(self._device_for(slot.param))
+                                  for j in range(len(self.iterations))]
+        if self.spec.method != "ema" and len(self.iterations) > self.spec.window:
+            self.iterations = self.iterations[-self.spec.window:]
+            for slot in self.owned:
+                slot.snapshots = slot.snapshots[-self.spec.window:]
+
+    def describe(self) -> dict:
+        """What the merged weights are: for metrics and merge.json."""
+        span = [self.iterations[0], self.iterations[-1]] if self.iterations else None
+        return {"merge_method": self.spec.method, "merge_n": self.count, "merge_span": span}
+
+    def memory_bytes(self) -> int:
+        """Bytes this rank holds for merging right now."""
+        total = 0
+        for slot in self.owned:
+            total += sum(t.numel() * t.element_size() for t in slot.snapshots)
+            if slot.accumulator is not None:
+                total += slot.accumulator.numel() * slot.accumulator.element_size()
+        return total
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def map_sharded_params(model_sharded_state_dict: dict, params: Sequence[torch.nn.Parameter]) -> dict:
+    """``id(param) -> ShardedTensor or ShardedTensorFactory`` of the model's sharded state dict."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    by_data = {}
+    for entry in nested_values(model_sharded_state_dict):
+        if isinstance(entry, (ShardedTensor, ShardedTensorFactory)):
+            by_data[id(entry.data)] = entry
+    missing = [i for i, p in enumerate(params) if id(p) not in by_data and id(p.data) not in by_data]
+    if missing:
+        raise RuntimeError(f"{len(missing)} parameters have no entry in the model's sharded state dict")
+    return {id(p): by_data.get(id(p), by_data.get(id(p.data))) for p in params}
+
+
+def _assign_owners(named_params, sharded_params, replica_group_of) -> list[_Slot]:
+    """Spread parameters over their replica groups, largest first onto the least-loaded rank."""
+    slots = []
+    load: dict[tuple, dict[int, int]] = {}
+    order = sorted(range(len(named_params)), key=lambda i: -named_params[i][1].numel())
+    owners = {}
+    for i in order:
+        name, param = named_params[i]
+        group = replica_group_of(param)
+        ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else (dist.get_rank(),)
+        tally = load.setdefault(ranks, {r: 0 for r in ranks})
+        owner = min(ranks, key=lambda r: (tally[r], r))
+        tally[owner] += param.numel()
+        owners[i] = (owner, group if len(ranks) > 1 else None)
+    for i, (name, param) in enumerate(named_params):
+        owner, group = owners[i]
+        slots.append(_Slot(name, param, sharded_params[id(param)], group, owner))
+    return slots
+
+
+def _retarget(sharded, key: str, data: torch.Tensor, owner: bool):
+    """A copy of a parameter's sharded entry under ``key``, holding ``data``, with this rank as
+    the main replica of the shard (replicas of other parallel dimensions keep their ids)."""
+    replica = sharded.replica_id
+    if isinstance(replica, tuple):
+        replica = (*replica[:-1], 0 if owner else 1)
+    else:
+        replica = 0 if owner else 1
+    return dataclasses.replace(sharded, key=key, data=data, replica_id=replica)
+
+
+def _whole(t: torch.Tensor) -> tuple:
+    return tuple(slice(0, n) for n in t.shape)

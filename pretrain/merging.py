@@ -1,0 +1,108 @@
+"""In-training merging for the loop: the per-rank merger, merged checkpoints, merged evaluation.
+
+The merging itself lives in :mod:`megatron_merge.online` (the same arithmetic as the offline
+``megatron-merge``); this module connects it to the run config, the model and the checkpoint
+layout: merged checkpoints go to ``<checkpoint.save>/merged/iter_NNNNNNN`` in the training
+checkpoints' own torch_dist format and layout (model weights only), with a ``merge.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+from megatron.core import parallel_state
+
+from megatron_merge.online import OnlineMergeSpec, PartitionMerger, map_sharded_params
+from pretrain import checkpoint as ckpt
+from pretrain.config import RunConfig, merge_interval_iterations
+
+logger = logging.getLogger(__name__)
+
+MERGED_DIR = "merged"
+MERGE_RECORD_FILE = "merge.json"
+
+
+def merge_spec(cfg: RunConfig) -> OnlineMergeSpec:
+    m = cfg.merge
+    return OnlineMergeSpec(
+        method=m.method,
+        window=m.window,
+        interval=merge_interval_iterations(cfg),
+        start_iteration=m.start_iteration,
+        ema_alpha=m.ema_alpha,
+        weights=tuple(float(w) for w in m.weights),
+        storage=m.storage,
+    )
+
+
+def replica_group_of(param):
+    """The ranks that hold the same values as this rank for ``param``, or None when alone.
+
+    Dense parameters are replicated over the data-parallel group; expert parameters (marked
+    ``allreduce=False`` by megatron-core) over the expert-data-parallel group.
+    """
+    if getattr(param, "allreduce", True):
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    else:
+        group = parallel_state.get_expert_data_parallel_group()
+    return group if group.size() > 1 else None
+
+
+def build_merger(cfg: RunConfig, model_chunks) -> Optional[PartitionMerger]:
+    """The merger of this rank's parameters, or None when merging is off."""
+    if not cfg.merge.enabled:
+        return None
+    modules = [ckpt.unwrap(chunk) for chunk in model_chunks]
+    named = [(f"{i}.{name}", p) for i, m in enumerate(modules) for name, p in m.named_parameters()]
+    sharded = map_sharded_params(ckpt.model_sharded_state_dict(model_chunks), [p for _, p in named])
+    merger = PartitionMerger(merge_spec(cfg), named, sharded, replica_group_of, run_dir=cfg.checkpoint.save)
+    logger.info("in-training merging: %s over %d snapshots every %d iterations (storage %s)",
+                cfg.merge.method, cfg.merge.window, merger.spec.interval, cfg.merge.storage)
+    return merger
+
+
+def merge_record(cfg: RunConfig, merger: PartitionMerger, out: Path) -> dict:
+    """The ``merge.json`` of an in-training merged checkpoint (the offline tool's fields)."""
+    from megatron_merge import __version__
+
+    run = Path(cfg.checkpoint.save)
+    weights = merger.weights()
+    inputs = [{"iteration": it, "weight": w,
+               "path": str((run / f"iter_{it:07d}").resolve()) if (run / f"iter_{it:07d}").exists() else None}
+              for it, w in zip(merger.iterations[-len(weights):], weights)]
+    return {
+        "tool": "pretrain (in-training merge)",
+        "version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "output": str(out.resolve()),
+        "format": "torch_dist",
+        "method": merger.spec.method,
+        "alpha": merger.spec.ema_alpha if merger.spec.method == "ema" else None,
+        "weights": weights,
+        "inputs": inputs,
+        "snapshots": merger.count,
+        "interval_iterations": merger.spec.interval,
+        "window": merger.spec.window,
+        "storage": merger.spec.storage,
+        "accumulate_dtype": "fp32",
+        "model_only": True,
+        "merged": "every floating-point parameter",
+        "copied_from_newest": "non-parameter model state (e.g. Transformer Engine _extra_state) from the live model",
+        "dropped": "optimizer state, RNG state",
+    }
+
+
+def save_merged_checkpoint(cfg: RunConfig, merger: PartitionMerger, model_chunks, state) -> Path:
+    """Write the merged weights as ``<save>/merged/iter_N`` (collective)."""
+    root = Path(cfg.checkpoint.save) / MERGED_DIR
+    final = ckpt.iteration_dir(root, state.iteration)
+    with merger.merged_weights_in_model():
+        sd = ckpt.model_sharded_state_dict(model_chunks)
+        sd.update(ckpt.common_entries(cfg, state))
+        sd["merge"] = merger.describe()
+        record = json.dumps(merge_record(cfg, merger, final), indent=2) + "\n"
+        return ckpt.write_checkpoint(sd, root, state.iteration, cfg, extra_files={MERGE_RECORD_FILE: record})
