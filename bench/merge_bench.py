@@ -1,129 +1,495 @@
-"""Offline merge throughput and memory on synthetic torch_dist checkpoints (a benchmark, not a test).
+"""Offline merge against the machine's I/O floor and the naive way (a benchmark, not a test).
 
-    python bench/merge_bench.py --inputs 3 --chunks 64 --chunk-mib 16 --workers 1 2
+    python bench/merge_bench.py                      # 3 synthetic inputs, 6 GiB in all
+    python bench/merge_bench.py --quick              # 3 x ~100 MiB, under a minute
+    python bench/merge_bench.py --inputs 3 --total-gib 12 --workers 1 2
+    python bench/merge_bench.py --real RUN_DIR --last 3
 
-Writes N synthetic DCP checkpoints (torch's own saver plus megatron-core's metadata.json and
-common.pt) of ``chunks`` fp32 tensors of ``chunk-mib`` each, merges them with each worker count,
-and prints one JSON line per run: seconds, bytes read/written, MiB/s, and the peak RSS growth of
-the merging process and its workers over the baseline (sampled every 10 ms; with --workers > 1
-it includes each spawned worker's own Python + torch footprint, ~300 MiB).
+One invocation measures, on the same inputs:
+
+``floor``  plain sequential file I/O: read every input ``.distcp`` file front to back in 16 MiB
+           chunks into one reusable buffer, then write one output the size of one input's
+           ``.distcp`` files and fsync it (our merge fsyncs every file it writes, so the floor
+           does too). No parsing, no arithmetic: what the disk allows.
+``ours``   ``megatron_merge.offline.merge_checkpoints`` (SMA), once per ``--workers`` count.
+``naive``  what users do today: ``dist_checkpointing.load_plain_tensors`` on each input,
+           ``acc += w_i * x_i.float()`` in memory, cast back to the source dtype,
+           ``torch.save`` of the averaged plain state dict to one file, fsynced.
+
+Each measurement runs in a fresh subprocess (so memory does not leak between them) and
+reports wall time of the work (interpreter and import start-up excluded), throughput as the
+inputs' ``.distcp`` bytes per second (the same numerator for every method, so throughput
+ratios are time ratios), and peak RSS: ``VmHWM`` of the process, or for ``--workers > 1`` the
+sampled peak of the process plus its workers. Before each measurement the page cache is
+dropped (``sync; echo 3 > /proc/sys/vm/drop_caches``) so every method reads cold; without the
+permission to do that, every input is read once beforehand and all methods read warm.
+
+Synthetic inputs are written by megatron-core's own ``dist_checkpointing.save`` from 2 spawned
+gloo ranks at TP=2 (matrices split column/row-parallel, norms replicated, an RNG object and a
+TE-style extra state per checkpoint): 4 ``.distcp`` files per checkpoint (2 ranks x 2 writer
+threads), the layout of a real GPT checkpoint of the chosen size. ``--dir`` keeps them for
+the next run. Prints one JSON line per measurement, a table, and a JSON summary line with the
+ratios and the issue's targets (within 1.3x of the floor's time; >= 2x faster and >= 5x less
+peak memory than the naive way).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
+import math
+import os
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 
-import psutil
-import torch
-import torch.distributed.checkpoint as dcp
-
-from megatron_merge.offline import merge_checkpoints
-
-
-def write_checkpoint(path: Path, seed: int, chunks: int, chunk_elems: int, one_file: bool) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    state = {
-        f"decoder.layers.{i}.mlp.linear_fc1.weight": torch.randn(
-            chunk_elems // 1024, 1024, generator=gen
-        )
-        for i in range(chunks)
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        writer = dcp.FileSystemWriter(str(path), single_file_per_rank=one_file)
-        dcp.save(state, storage_writer=writer, no_dist=True)
-    (path / "metadata.json").write_text(json.dumps({
-        "sharded_backend": "torch_dist", "sharded_backend_version": 1,
-        "common_backend": "torch", "common_backend_version": 1,
-    }))
-    torch.save({"iteration": seed}, path / "common.pt")
+GIB, MIB = 2**30, 2**20
+READ_BLOCK = 16 * MIB
+WORLD_SIZE = 2
+SPEC_FILE = "bench_spec.json"
+TARGETS = {"ours_over_floor_time": 1.3, "naive_over_ours_time": 2.0, "naive_over_ours_peak_rss": 5.0}
 
 
-class PeakRss:
-    """Samples this process's RSS (plus its children's) in a background thread."""
+# ============================================================================================
+# Synthetic checkpoints: a GPT-shaped model saved by megatron-core at TP=2 on 2 gloo ranks
+# ============================================================================================
 
-    def __init__(self, interval: float = 0.01):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self.process = psutil.Process()
 
-    def _rss(self) -> int:
-        total = self.process.memory_info().rss
-        for child in self.process.children(recursive=True):
-            try:
-                total += child.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        return total
+def model_layout(bytes_per_checkpoint: int, itemsize: int) -> dict[str, tuple[tuple[int, ...], int | None]]:
+    """Global shape and TP split dim (None: replicated) of each tensor of a GPT of about the
+    requested size: embedding and output layer of ``16 * hidden`` rows, then as many
+    transformer layers (qkv, proj, fc1, fc2, two norms) as fill the rest."""
+    hidden = 2048
+    while True:
+        vocab = 16 * hidden
+        embeddings = 2 * vocab * hidden * itemsize
+        per_layer = 12 * hidden * hidden * itemsize
+        layers = round((bytes_per_checkpoint - embeddings) / per_layer)
+        if layers >= 2 or hidden <= 256:
+            break
+        hidden //= 2
+    layout = {"embedding.word_embeddings.weight": ((vocab, hidden), 0)}
+    for i in range(max(1, layers)):
+        p = f"decoder.layers.{i}."
+        layout[p + "self_attention.linear_qkv.layer_norm_weight"] = ((hidden,), None)
+        layout[p + "self_attention.linear_qkv.weight"] = ((3 * hidden, hidden), 0)
+        layout[p + "self_attention.linear_proj.weight"] = ((hidden, hidden), 1)
+        layout[p + "mlp.linear_fc1.layer_norm_weight"] = ((hidden,), None)
+        layout[p + "mlp.linear_fc1.weight"] = ((4 * hidden, hidden), 0)
+        layout[p + "mlp.linear_fc2.weight"] = ((hidden, 4 * hidden), 1)
+    layout["decoder.final_layernorm.weight"] = ((hidden,), None)
+    layout["output_layer.weight"] = ((vocab, hidden), 0)
+    return layout
+
+
+def _rank_state_dict(layout, dtype, rank: int, seed: int) -> dict:
+    """This rank's sharded state dict: its TP=2 slice of every tensor (random values)."""
+    import torch
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+
+    gen = torch.Generator().manual_seed(seed * 1000 + rank)
+    state = {}
+    for key, (shape, split_dim) in layout.items():
+        local_shape = list(shape)
+        if split_dim is not None:
+            local_shape[split_dim] //= WORLD_SIZE
+        local = torch.empty(local_shape, dtype=dtype).normal_(0.0, 0.02, generator=gen)
+        if split_dim is None:
+            state[key] = ShardedTensor.from_rank_offsets(key, local, replica_id=rank)
+        else:
+            state[key] = ShardedTensor.from_rank_offsets(key, local, (split_dim, rank, WORLD_SIZE))
+    state["rng_state"] = ShardedObject(
+        "rng_state", {"rank": rank, "seed": seed}, (WORLD_SIZE,), (rank,)
+    )
+    extra = "decoder.layers.0.self_attention.linear_qkv._extra_state"
+    state["extra_state"] = ShardedObject(extra, b"te-extra-%d" % seed, (1,), (0,), replica_id=rank)
+    state["iteration"] = seed
+    state["args"] = {"tensor_model_parallel_size": WORLD_SIZE}
+    return state
+
+
+def _save_rank(rank: int, port: int, jobs: list, dtype_name: str) -> None:
+    """One spawned gloo rank: ``dist_checkpointing.save`` every checkpoint in ``jobs``."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    # megatron-core 0.16.1's torch_dist save calls torch.cuda.synchronize() and
+    # torch.cuda.current_device(), which mean nothing on a CPU.
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_device = lambda: "cpu"
+    from megatron.core import dist_checkpointing
+
+    dtype = getattr(torch, dtype_name)
+    for path, seed, bytes_per_checkpoint in jobs:
+        layout = model_layout(bytes_per_checkpoint, dtype.itemsize)
+        if rank == 0:
+            os.makedirs(path, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(_rank_state_dict(layout, dtype, rank, seed), path)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def write_synthetic(root: Path, inputs: int, total_bytes: int, dtype: str) -> list[Path]:
+    """Write (or reuse, if ``root`` holds the same spec) ``inputs`` synthetic checkpoints."""
+    spec = {"inputs": inputs, "total_bytes": total_bytes, "dtype": dtype, "version": 1}
+    paths = [root / f"iter_{1000 * (i + 1):07d}" for i in range(inputs)]
+    spec_path = root / SPEC_FILE
+    if spec_path.exists() and json.loads(spec_path.read_text()) == spec:
+        log(f"reusing synthetic checkpoints in {root}")
+        return paths
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+    spec_path.unlink(missing_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(p), 1000 * (i + 1), total_bytes // inputs) for i, p in enumerate(paths)]
+    started = time.perf_counter()
+    # In a fresh interpreter: megatron-core's save patches and its memory stay out of this one.
+    subprocess.run([sys.executable, __file__, "--_generate", json.dumps({"jobs": jobs, "dtype": dtype})],
+                   check=True)
+    spec_path.write_text(json.dumps(spec))
+    log(f"wrote {inputs} synthetic checkpoints in {time.perf_counter() - started:.0f} s")
+    return paths
+
+
+def _generate_main(spec: dict) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_save_rank, args=(port, spec["jobs"], spec["dtype"]), nprocs=WORLD_SIZE)
+
+
+# ============================================================================================
+# The three methods, each measured in a fresh subprocess
+# ============================================================================================
+
+
+def distcp_files(checkpoint: Path) -> list[Path]:
+    return sorted(checkpoint.glob("*.distcp"))
+
+
+def checkpoint_bytes(checkpoint: Path) -> int:
+    return sum(f.stat().st_size for f in distcp_files(checkpoint))
+
+
+def run_floor(inputs: list[Path], out: Path) -> dict:
+    """Read every input .distcp file sequentially, write one input's worth, fsync."""
+    buffer = bytearray(READ_BLOCK)
+    view = memoryview(buffer)
+    read = 0
+    for checkpoint in inputs:
+        for file in distcp_files(checkpoint):
+            with open(file, "rb", buffering=0) as f:
+                while n := f.readinto(view):
+                    read += n
+    to_write = checkpoint_bytes(inputs[-1])
+    with open(out, "wb", buffering=0) as f:
+        left = to_write
+        while left:
+            left -= f.write(view[: min(left, READ_BLOCK)])
+        os.fsync(f.fileno())
+    return {"bytes_read": read, "bytes_written": to_write}
+
+
+def run_ours(inputs: list[Path], out: Path, workers: int) -> dict:
+    from megatron_merge.offline import merge_checkpoints
+
+    result = merge_checkpoints(inputs, out, "sma", workers=workers)
+    return {"bytes_read": result.plan.bytes_to_read, "bytes_written": result.plan.bytes_to_write}
+
+
+def run_naive(inputs: list[Path], out: Path) -> dict:
+    """load_plain_tensors per input, fp32 running average in memory, torch.save, fsync."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    weight = 1.0 / len(inputs)
+    acc: dict = {}
+    for checkpoint in inputs:
+        state = dist_checkpointing.load_plain_tensors(str(checkpoint))
+        for key, value in state.items():
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+                acc[key] = value  # newest wins
+            elif key not in acc:
+                acc[key] = (value.float() * weight, value.dtype)
+            else:
+                acc[key][0].add_(value.float() * weight)
+        del state
+    merged = {k: v[0].to(v[1]) if isinstance(v, tuple) else v for k, v in acc.items()}
+    del acc
+    with open(out, "wb") as f:
+        torch.save(merged, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes_read": sum(checkpoint_bytes(c) for c in inputs), "bytes_written": out.stat().st_size}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the workers)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class TreePeakRss:
+    """Peak of this process's RSS plus its children's, sampled every 20 ms (for workers > 1,
+    whose memory VmHWM of this process does not see)."""
+
+    def __init__(self):
+        import psutil
+
+        self.process, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = self.process.memory_info().rss
+            for child in self.process.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except Exception:  # noqa: BLE001 - a worker that just exited
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.02)
 
     def __enter__(self):
-        self.baseline = self._rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(self.interval)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--inputs", type=int, default=3)
-    parser.add_argument("--chunks", type=int, default=64)
-    parser.add_argument("--chunk-mib", type=float, default=16)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--method", default="sma")
-    parser.add_argument("--one-file", action="store_true",
-                        help="store all chunks in one .distcp file (default: one file per chunk, "
-                        "so --workers has files to split)")
-    parser.add_argument("--dir", help="scratch directory (default: a temporary one)")
-    args = parser.parse_args()
+def _init_single_process_group(out: Path) -> None:
+    """A gloo world of 1: megatron-core's load asks torch.distributed for its rank."""
+    import torch.distributed as dist
+
+    rendezvous = out.with_name(out.name + ".rendezvous")
+    rendezvous.unlink(missing_ok=True)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
+
+
+def _measure_main(spec: dict) -> None:
+    """In a fresh subprocess: run one method, print its measurement as the last line."""
+    inputs, out, method = [Path(p) for p in spec["inputs"]], Path(spec["out"]), spec["method"]
+    workers = spec.get("workers", 1)
+    if method != "floor":  # import outside the timed region, as a long-lived tool would
+        import torch  # noqa: F401
+        from megatron.core import dist_checkpointing  # noqa: F401
+
+        import megatron_merge.offline  # noqa: F401
+    if method == "naive":
+        _init_single_process_group(out)
+    baseline = _status_kib("VmRSS")
+    tree = TreePeakRss() if workers > 1 else None
+    cpu_before = _cpu_seconds()
+    started = time.perf_counter()
+    if tree:
+        tree.__enter__()
+    try:
+        if method == "floor":
+            io_bytes = run_floor(inputs, out)
+        elif method == "ours":
+            io_bytes = run_ours(inputs, out, workers)
+        else:
+            io_bytes = run_naive(inputs, out)
+    finally:
+        if tree:
+            tree.__exit__(None, None, None)
+    seconds = time.perf_counter() - started
+    cpu = _cpu_seconds() - cpu_before
+    peak = max(_status_kib("VmHWM"), tree.peak if tree else 0)
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_rss": peak,
+                      "baseline_rss": baseline, "loadavg_1m": os.getloadavg()[0], **io_bytes}))
+
+
+def drop_page_cache() -> bool:
+    """sync + drop clean page cache, so the next run reads from disk; False if not allowed."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def warm_page_cache(inputs: list[Path]) -> None:
+    buffer = memoryview(bytearray(READ_BLOCK))
+    for checkpoint in inputs:
+        for file in checkpoint.iterdir():
+            if file.is_file():
+                with open(file, "rb", buffering=0) as f:
+                    while f.readinto(buffer):
+                        pass
+
+
+def measure(method: str, inputs: list[Path], scratch: Path, cold: bool, workers: int = 1) -> dict:
+    """Run one method in a fresh interpreter; return its measurement."""
+    out = scratch / f"out_{method}_w{workers}"
+    if cold:
+        drop_page_cache()
+    spec = {"method": method, "inputs": [str(p) for p in inputs], "out": str(out), "workers": workers}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, __file__, "--_measure", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    try:
+        if proc.returncode != 0:
+            raise SystemExit(f"{method} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        out.with_name(out.name + ".rendezvous").unlink(missing_ok=True)
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink(missing_ok=True)
+
+
+# ============================================================================================
+# Reporting
+# ============================================================================================
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def report(rows: list[dict], input_bytes: int, checkpoints: int, cache: str) -> None:
+    """Print the table and a JSON summary with ratios against the floor and the naive way."""
+    by_name = {r["name"]: r for r in rows}
+    floor, naive = by_name["floor"], by_name.get("naive")
+    header = (f"{'method':<16}{'seconds':>9}{'GiB/s':>8}{'read GiB':>10}{'peak RSS MiB':>14}"
+              f"{'(+growth)':>11}{'x floor':>9}{'naive/this':>12}{'naive/this':>12}")
+    print(f"\n{checkpoints} checkpoints, {input_bytes / GIB:.2f} GiB of .distcp input in all; "
+          f"page cache: {cache}")
+    print(header)
+    print(f"{'':<16}{'':>9}{'':>8}{'':>10}{'':>14}{'':>11}{'(time)':>9}{'(time)':>12}{'(peak RSS)':>12}")
+    for r in rows:
+        naive_t = f"{naive['seconds'] / r['seconds']:.2f}" if naive else "-"
+        naive_m = f"{naive['peak_rss'] / r['peak_rss']:.1f}" if naive else "-"
+        print(f"{r['name']:<16}{r['seconds']:>9.2f}{input_bytes / GIB / r['seconds']:>8.3f}"
+              f"{r['bytes_read'] / GIB:>10.2f}{r['peak_rss'] / MIB:>14.0f}"
+              f"{(r['peak_rss'] - r['baseline_rss']) / MIB:>+11.0f}"
+              f"{r['seconds'] / floor['seconds']:>9.2f}{naive_t:>12}{naive_m:>12}")
+    ours = [r for r in rows if r["name"].startswith("ours")]
+    best = min(ours, key=lambda r: r["seconds"])
+    summary = {"summary": True, "checkpoints": checkpoints, "input_bytes": input_bytes, "cache": cache,
+               "best_ours": best["name"],
+               "ours_over_floor_time": round(best["seconds"] / floor["seconds"], 3)}
+    if naive:
+        summary["naive_over_ours_time"] = round(naive["seconds"] / best["seconds"], 3)
+        summary["naive_over_ours_peak_rss"] = round(naive["peak_rss"] / best["peak_rss"], 2)
+    summary["targets_met"] = {
+        "within_1.3x_floor": summary["ours_over_floor_time"] <= TARGETS["ours_over_floor_time"],
+        **({
+            "2x_faster_than_naive": summary["naive_over_ours_time"] >= TARGETS["naive_over_ours_time"],
+            "5x_less_memory_than_naive":
+                summary["naive_over_ours_peak_rss"] >= TARGETS["naive_over_ours_peak_rss"],
+        } if naive else {}),
+    }
+    print()
+    print(json.dumps(summary))
+
+
+# ============================================================================================
+# Main
+# ============================================================================================
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inputs", type=int, default=3, help="synthetic checkpoints to merge")
+    parser.add_argument("--total-gib", type=float, default=6.0,
+                        help="synthetic .distcp bytes across all inputs (default 6: 3 x 2 GiB; "
+                        "the naive way needs ~3x one checkpoint in memory)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="synthetic parameter dtype (default: bfloat16, as bf16 training saves)")
+    parser.add_argument("--quick", action="store_true", help="3 inputs of ~100 MiB (< 1 minute)")
+    parser.add_argument("--real", metavar="RUN_DIR", help="merge real checkpoints of a pretrain run")
+    parser.add_argument("--last", type=int, default=3, help="with --real: the newest N checkpoints")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="our merge's worker counts")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per method; the median is reported")
+    parser.add_argument("--skip-naive", action="store_true", help="leave out the naive way")
+    parser.add_argument("--warm", action="store_true", help="read warm even where the cache can be dropped")
+    parser.add_argument("--dir", help="scratch directory; synthetic inputs kept there for reuse "
+                        "(default: a temporary one, removed at the end)")
+    parser.add_argument("--_generate", help=argparse.SUPPRESS)
+    parser.add_argument("--_measure", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.inputs, args.total_gib = 3, 0.3
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args._generate:
+        return _generate_main(json.loads(args._generate))
+    if args._measure:
+        return _measure_main(json.loads(args._measure))
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="merge_bench_"))
-    chunk_elems = int(args.chunk_mib * 2**20 / 4) // 1024 * 1024
-    inputs = [root / f"iter_{i + 1:07d}" for i in range(args.inputs)]
-    for i, path in enumerate(inputs):
-        if not path.exists():
-            # In a child process, so the memory it takes does not blur this process's baseline.
-            writer = multiprocessing.get_context("spawn").Process(
-                target=write_checkpoint, args=(path, i + 1, args.chunks, chunk_elems, args.one_file)
-            )
-            writer.start()
-            writer.join()
-            if writer.exitcode != 0:
-                raise SystemExit(f"writing {path} failed")
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = root / "outputs"
+    scratch.mkdir(exist_ok=True)
     try:
-        for workers in args.workers:
-            out = root / f"merged_w{workers}"
-            shutil.rmtree(out, ignore_errors=True)
-            with PeakRss() as rss:
-                result = merge_checkpoints(inputs, out, args.method, workers=workers)
-            read, written = result.plan.bytes_to_read, result.plan.bytes_to_write
-            print(json.dumps({
-                "workers": workers, "inputs": args.inputs, "chunks": args.chunks,
-                "chunk_mib": args.chunk_mib, "seconds": round(result.seconds, 3),
-                "read_mib": round(read / 2**20, 1), "written_mib": round(written / 2**20, 1),
-                "read_mib_per_s": round(read / 2**20 / result.seconds, 1),
-                "peak_rss_growth_mib": round((rss.peak - rss.baseline) / 2**20, 1),
-                "projected_peak_per_worker_mib": round(result.plan.peak_bytes_per_worker / 2**20, 1),
-            }))
+        if args.real:
+            from megatron_merge.selection import select_from_run
+
+            inputs = [ref.path for ref in select_from_run(args.real, last=args.last)]
+        else:
+            inputs = write_synthetic(root / "inputs", args.inputs, int(args.total_gib * GIB), args.dtype)
+        input_bytes = sum(checkpoint_bytes(c) for c in inputs)
+
+        cold = not args.warm and drop_page_cache()
+        cache = "dropped before each run (cold reads)" if cold else "warm (every input read once first)"
+        if not cold:
+            warm_page_cache(inputs)
+        plan = [("floor", "floor", 1)] + [(f"ours ({w} worker{'s' * (w > 1)})", "ours", w) for w in args.workers]
+        if not args.skip_naive:
+            plan.append(("naive", "naive", 1))
+        runs: dict[str, list[dict]] = {name: [] for name, _, _ in plan}
+        for repeat in range(args.repeat):
+            for name, method, workers in plan:  # interleaved, so drift hits every method alike
+                log(f"[{repeat + 1}/{args.repeat}] {name} ...")
+                result = measure(method, inputs, scratch, cold, workers)
+                runs[name].append(result)
+                print(json.dumps({"method": name, "run": repeat + 1, "input_bytes": input_bytes,
+                                  "read_gib_per_s": round(input_bytes / GIB / result["seconds"], 3),
+                                  **{k: round(v, 3) if isinstance(v, float) else v
+                                     for k, v in result.items()}}), flush=True)
+        rows = []
+        for name, results in runs.items():
+            row = dict(results[0], name=name)
+            row["seconds"] = statistics.median(r["seconds"] for r in results)
+            row["peak_rss"] = max(r["peak_rss"] for r in results)
+            rows.append(row)
+        report(rows, input_bytes, len(inputs), cache)
     finally:
-        if not args.dir:
+        if args.dir:
+            shutil.rmtree(scratch, ignore_errors=True)
+        else:
             shutil.rmtree(root, ignore_errors=True)
 
 

@@ -1,4 +1,8 @@
-"""``megatron-merge``: merge megatron-core torch_dist checkpoints offline.
+"""``megatron-merge``: merge Megatron and DeepSpeed checkpoints offline, in their own format.
+
+Formats (detected from the inputs; ``--format`` overrides): megatron-core ``torch_dist``
+(merged chunk by chunk), legacy Megatron ``torch`` (``mp_rank_*`` directories) and DeepSpeed
+(``global_step*`` tag directories), both merged file by file.
 
 Examples::
 
@@ -6,6 +10,7 @@ Examples::
     megatron-merge --method ema --alpha 0.2 --last 10 --every 2 --out merged/ run/
     megatron-merge --method weights --weights 1,2,3 --iterations 1000,2000,3000 --out m/ run/
     megatron-merge --dry-run --last 10 --out merged/ run/
+    megatron-merge --last 3 --out merged/global_step300 ds_run/      # DeepSpeed save dir
 
 Exit status: 0 on success, 1 on bad input or a failed check (an ``error:`` line names the file
 and key; nothing is written), 2 on bad command-line usage.
@@ -27,16 +32,16 @@ logger = logging.getLogger("megatron_merge")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-merge",
-        description="Merge megatron-core torch_dist checkpoints (PMA: SMA / EMA / WMA / WSM) "
-        "chunk by chunk, in their own format and layout.",
+        description="Merge Megatron (torch_dist, legacy torch) and DeepSpeed checkpoints "
+        "(PMA: SMA / EMA / WMA / WSM) piece by piece, in their own format and layout.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Checkpoints are ordered oldest first. The output keeps the newest input's "
         "sharding and files; optimizer state, non-float tensors and opaque objects come from the "
         "newest input (see merge.json in the output).",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="checkpoint directories (iter_*), oldest first; or one run directory "
-                        "with --last/--iterations")
+                        help="checkpoint directories (iter_*, or DeepSpeed global_step*), oldest "
+                        "first; or one run directory with --last/--iterations")
     parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
 
     weights = parser.add_argument_group("weights")
@@ -58,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="merge exactly these saved iterations")
 
     behaviour = parser.add_argument_group("behaviour")
+    behaviour.add_argument("--format", choices=("torch_dist", "torch", "deepspeed"), default=None,
+                           help="checkpoint format (default: detected from the inputs)")
     behaviour.add_argument("--model-only", action="store_true",
                            help="drop optimizer state (default: copy it from the newest input)")
     behaviour.add_argument("--accumulate-dtype", choices=("fp32", "fp64"), default="fp32")
@@ -109,7 +116,7 @@ def _run(args: argparse.Namespace, method: str) -> int:
     refs = select_checkpoints(args.inputs, last=args.last, every=args.every, iterations=args.iterations)
     options = dict(
         alpha=args.alpha, weights=args.weights, normalize=not args.no_normalize,
-        model_only=args.model_only, accumulate_dtype=args.accumulate_dtype,
+        model_only=args.model_only, accumulate_dtype=args.accumulate_dtype, format=args.format,
     )
     if args.dry_run:
         check_output_path(args.out, [r.path for r in refs], args.force)

@@ -26,12 +26,12 @@ Two steps:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import json
 import logging
 import multiprocessing
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -77,6 +77,12 @@ MERGE_STATE_PREFIX = "merge_state."
 COMMON_OPTIMIZER_KEYS = ("optimizer", "opt_param_scheduler", "merge_state_meta")
 
 MERGE, COPY, DROP = "merge", "copy", "drop"
+
+# Intra-op threads for the merge arithmetic (per process; --workers adds processes). The merge
+# is bound by I/O and memory bandwidth, and its elementwise ops run on ~1 MiB blocks (see
+# accumulate), where more threads only add fork/join cost -- and on shared CPUs each op waits
+# for its slowest, descheduled thread: 2 threads ran 10x slower than 1 on a loaded 2-core host.
+MERGE_THREADS = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,8 +468,9 @@ def execute_plan(
                 plan.checkpoints, plan.weights, resolve_accumulate_dtype(plan.accumulate_dtype),
                 allow_nonfinite, out_dir, plan.ema_alpha,
             )
-            for file_plan in plan.files:
-                storage_data.update(write_output_file(ctx, file_plan, on_item=bar.update))
+            with _torch_threads(MERGE_THREADS):
+                for file_plan in plan.files:
+                    storage_data.update(write_output_file(ctx, file_plan, on_item=bar.update))
         else:
             storage_data.update(_run_workers(plan, out_dir, workers, allow_nonfinite, bar))
 
@@ -490,8 +497,19 @@ def _write_common_without_optimizer(newest: TorchDistCheckpoint, target: Path) -
     torch.save(common, target)
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """Run torch ops on ``threads`` intra-op threads inside the block, then restore."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _run_workers(plan, out_dir, workers, allow_nonfinite, bar) -> dict:
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = MERGE_THREADS
     # Largest files first, so the pool finishes evenly.
     files = sorted(plan.files, key=lambda f: f.nbytes, reverse=True)
     storage_data = {}

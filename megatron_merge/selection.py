@@ -1,5 +1,7 @@
 """Which checkpoints to merge: explicit ``iter_*`` directories, or a pick from a run directory.
 
+DeepSpeed's ``global_step*`` tag directories and save directories are handled the same way.
+
 A Megatron run directory holds one ``iter_0000100``-style directory per saved iteration (and a
 ``latest_checkpointed_iteration.txt``). Checkpoints are always returned oldest first, the order
 :func:`megatron_merge.weights.merge_weights` expects.
@@ -14,7 +16,8 @@ from typing import Sequence
 
 from megatron_merge.errors import MergeError
 
-_ITERATION_DIR = re.compile(r"^iter_(\d+)$")
+# Megatron's iter_0000100 and DeepSpeed's global_step100 (its default tag).
+_ITERATION_DIR = re.compile(r"^(?:iter_|global_step)(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class CheckpointRef:
 
 
 def iteration_from_path(path: str | Path) -> int | None:
-    """``.../iter_0000100`` -> 100; None for a directory not named like that."""
+    """``.../iter_0000100`` or ``.../global_step100`` -> 100; None for other names."""
     match = _ITERATION_DIR.match(Path(path).name)
     return int(match.group(1)) if match else None
 

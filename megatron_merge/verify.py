@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 def verify_merge(plan, out_dir: str | Path, samples: int = 8, seed: int = 0,
                  max_tensor_bytes: int = 2 << 30) -> int:
     """Check up to ``samples`` merged chunks of ``out_dir``; return how many were checked."""
+    if hasattr(plan, "verify"):  # legacy Megatron / DeepSpeed: see formats.rank_files
+        return plan.verify(out_dir, samples=samples, seed=seed)
     out_dir = Path(out_dir)
     newest = plan.newest
     out_metadata = FileSystemReader(str(out_dir)).read_metadata()

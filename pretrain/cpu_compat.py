@@ -22,8 +22,9 @@ with gloo:
   dropout and initialisation draw from, so megatron-core's RNG tracker forks
   and restores the generator CPU kernels actually use.
 
-MoE-specific gaps (``te_general_gemm`` without Transformer Engine, token
-dispatch collectives on gloo) are patched in :func:`_patch_moe`.
+MoE-specific gaps (``te_general_gemm`` without Transformer Engine, the token
+dispatchers' host-side split sizes, uneven all-gather / reduce-scatter on gloo)
+are patched in :func:`_patch_moe`.
 
 Nothing here changes numerics: every redirected call does on the CPU what the
 original does on a GPU. On a CUDA machine :func:`enable` does nothing.
@@ -238,8 +239,127 @@ def _patch_distributed_optimizer_step_state() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
+# ---------------------------------------------------------------------------
+# Mixture of Experts (megatron-core transformer/moe) on CPUs with gloo.
+
+
+def ensure_router_gemm_fallback() -> None:
+    """Let megatron-core's MoE router run without Transformer Engine.
+
+    ``moe_utils`` binds ``te_general_gemm`` only inside its ``try: import
+    transformer_engine`` block, yet ``RouterGatingLinearFunction`` tests
+    ``te_general_gemm is not None`` unconditionally, so without TE every MoE
+    forward raises NameError. Binding the name to None selects the
+    ``torch.mm`` / ``torch.addmm`` branch megatron-core has for exactly this
+    case (logits = x W^T (+ b) in the router dtype, forward and backward).
+    Not specific to CPUs: a GPU without TE needs it too, so the model builder
+    calls this for MoE models; where TE is importable it does nothing.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _split_sizes_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron-core's ``maybe_move_tensor_to_cpu`` when every tensor already lives on the CPU.
+
+    The all-to-all token dispatcher counts tokens per expert on the device and
+    moves the counts to the host with ``maybe_move_tensor_to_cpu(...,
+    as_numpy=True)``; the numpy arrays are the split sizes it hands to
+    ``all_to_all_single``. The original acts only on CUDA tensors, so on the CPU
+    the splits stay tensors and the collective's binding rejects them
+    (TypeError: incompatible function arguments). Here CPU tensors get the same
+    treatment CUDA tensors get: a host copy, as numpy when asked.
+    """
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.detach().clone().numpy()
+    return tensor
+
+
+def all_gather_uneven(input_: torch.Tensor, group, output_split_sizes) -> torch.Tensor:
+    """All-gather along dim 0 where rank i contributes ``output_split_sizes[i]`` rows.
+
+    gloo's ``all_gather`` needs equal tensors ("ProcessGroupGloo::allgather:
+    invalid tensor size"), which megatron-core's list-based uneven gather
+    assumes NCCL provides. Each rank pads its rows to the largest split, one
+    ``all_gather_into_tensor`` moves them, and the padding is dropped: the
+    result is the concatenation of every rank's rows, bit for bit.
+    """
+    sizes = [int(n) for n in output_split_sizes]
+    rank, world = group.rank(), group.size()
+    if input_.shape[0] != sizes[rank]:
+        raise ValueError(f"rank {rank} holds {input_.shape[0]} rows, output_split_sizes says {sizes[rank]}")
+    width = max(sizes)
+    padded = input_.new_zeros((width, *input_.shape[1:]))
+    padded[: sizes[rank]] = input_
+    gathered = input_.new_empty((world * width, *input_.shape[1:]))
+    torch.distributed.all_gather_into_tensor(gathered, padded, group=group)
+    return torch.cat([gathered[i * width : i * width + n] for i, n in enumerate(sizes)])
+
+
+def reduce_scatter_uneven(input_: torch.Tensor, group, input_split_sizes) -> torch.Tensor:
+    """Reduce-scatter along dim 0 where rank i receives the sum of rows chunk i (``input_split_sizes[i]`` rows).
+
+    gloo has no list-based ``reduce_scatter`` before torch 2.8 (and from 2.8 it is
+    one all-reduce per chunk). All-reducing the whole input and keeping this
+    rank's chunk computes the same sums with a collective every gloo has.
+    """
+    sizes = [int(n) for n in input_split_sizes]
+    rank = group.rank()
+    if input_.shape[0] != sum(sizes):
+        raise ValueError(f"input has {input_.shape[0]} rows, input_split_sizes sum to {sum(sizes)}")
+    total = input_.contiguous().clone()
+    torch.distributed.all_reduce(total, group=group)
+    start = sum(sizes[:rank])
+    return total[start : start + sizes[rank]].contiguous()
+
+
+def _patch_uneven_first_dim_collectives() -> None:
+    """Route megatron-core's uneven sequence-parallel gather / reduce-scatter through the gloo versions above.
+
+    The all-to-all dispatcher with expert tensor parallelism gathers (and in the
+    backward reduce-scatters) a different number of tokens per expert-TP rank,
+    passing ``output_split_sizes`` / ``input_split_sizes``; the equal-split
+    calls (None) keep megatron-core's own code, which gloo supports.
+    """
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    @functools.wraps(gather)
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is not None and group.size() > 1:
+            return all_gather_uneven(input_, group, output_split_sizes)
+        return gather(input_, group, output_split_sizes, use_global_buffer)
+
+    @functools.wraps(reduce_scatter)
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is not None and group.size() > 1:
+            return reduce_scatter_uneven(input_, group, input_split_sizes)
+        return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
+
+
 def _patch_moe() -> None:
-    """Placeholder for MoE-specific redirections (see the MoE module docs)."""
+    """MoE layers and both token dispatchers (alltoall, allgather) on CPUs with gloo.
+
+    Everything else the MoE path needs already works through the general
+    redirections: the dispatcher's device-to-host stream and event become the
+    null stream/event, the router's ``.to(torch.cuda.current_device())`` and
+    global-buffer allocations land on the CPU, and gloo has the even
+    ``all_gather_into_tensor``, ``reduce_scatter_tensor`` and uneven
+    ``all_to_all_single`` the dispatchers use.
+    """
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    ensure_router_gemm_fallback()
+    # token_dispatcher imported the function by name: replace both bindings.
+    moe_utils.maybe_move_tensor_to_cpu = _split_sizes_to_host
+    token_dispatcher.maybe_move_tensor_to_cpu = _split_sizes_to_host
+    _patch_uneven_first_dim_collectives()
 
 
 def enable() -> bool:

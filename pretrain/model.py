@@ -17,7 +17,10 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
 
+from pretrain import cpu_compat, moe_metrics
 from pretrain.config import RunConfig
 from pretrain.platform import Platform, transformer_engine_available
 from pretrain.sdpa_attention import SDPACoreAttention
@@ -100,8 +103,9 @@ def transformer_config(cfg: RunConfig, platform: Platform) -> TransformerConfig:
             num_moe_experts=moe.num_experts,
             moe_router_topk=moe.router_topk,
             moe_ffn_hidden_size=moe.ffn_hidden_size or m.ffn_hidden_size,
-            moe_aux_loss_coeff=moe.aux_loss_coeff,
-            moe_z_loss_coeff=moe.z_loss_coeff,
+            # megatron-core's sinkhorn router asserts a zero coefficient; "none" ignores it.
+            moe_aux_loss_coeff=moe.aux_loss_coeff if moe.load_balancing_type in ("aux_loss", "seq_aux_loss") else 0.0,
+            moe_z_loss_coeff=moe.z_loss_coeff or None,  # 0 disables it (megatron-core would log 0/0)
             moe_router_load_balancing_type=moe.load_balancing_type,
             moe_token_dispatcher_type=moe.token_dispatcher,
             moe_shared_expert_intermediate_size=moe.shared_expert_intermediate_size,
@@ -114,6 +118,27 @@ def transformer_config(cfg: RunConfig, platform: Platform) -> TransformerConfig:
     return TransformerConfig(**kwargs)
 
 
+class GlobalInitSequentialMLP(SequentialMLP):
+    """megatron-core's SequentialMLP whose experts start from the same weights at every EP size.
+
+    With ``use_cpu_initialization`` each rank draws every full weight from the
+    one default generator and keeps its slice, so the initial model does not
+    depend on TP. Experts break that: at EP=k a rank builds only its E/k
+    experts, so it draws what EP=1 draws for experts 0..E/k-1, whatever experts
+    it holds, and the generator ends elsewhere for every later layer. Building
+    all E experts in order (the draws of EP=1, like the full master weight of a
+    TP-split matrix) and keeping this rank's contiguous block restores it:
+    expert e, and every weight built after it, is the same at every EP size.
+    """
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None):
+        ep_size, ep_rank = pg_collection.ep.size(), pg_collection.ep.rank()
+        super().__init__(num_local_experts * ep_size, config, submodules, pg_collection=pg_collection)
+        first = ep_rank * num_local_experts
+        self.local_experts = torch.nn.ModuleList(list(self.local_experts)[first : first + num_local_experts])
+        self.num_local_experts = num_local_experts
+
+
 def _layer_block_spec(config: TransformerConfig, cfg: RunConfig, te: bool, vp_stage):
     spec = get_gpt_decoder_block_spec(
         config, use_transformer_engine=te, normalization=cfg.model.normalization, vp_stage=vp_stage
@@ -121,6 +146,11 @@ def _layer_block_spec(config: TransformerConfig, cfg: RunConfig, te: bool, vp_st
     if not te:
         for layer_spec in spec.layer_specs:
             layer_spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    for layer_spec in spec.layer_specs:
+        moe = layer_spec.submodules.mlp.submodules
+        if (config.use_cpu_initialization and isinstance(moe, MoESubmodules)
+                and getattr(moe.experts, "module", None) is SequentialMLP):
+            moe.experts.module = GlobalInitSequentialMLP
     return spec
 
 
@@ -128,6 +158,8 @@ def build_model(cfg: RunConfig, platform: Platform, vocab_size: int) -> List[GPT
     """One GPTModel per virtual pipeline chunk held by this rank (usually one)."""
     config = transformer_config(cfg, platform)
     te = use_transformer_engine(cfg, platform)
+    if cfg.moe.num_experts is not None:
+        cpu_compat.ensure_router_gemm_fallback()  # megatron-core's router without TE (GPUs too)
     if cfg.parallel.sequence_parallel and not te:
         raise ValueError("parallel.sequence_parallel needs the Transformer Engine layer spec "
                          "(model.transformer_impl: auto with TE installed, or transformer_engine)")
@@ -149,6 +181,8 @@ def build_model(cfg: RunConfig, platform: Platform, vocab_size: int) -> List[GPT
         )
         model.to(platform.device)
         chunks.append(model)
+    if cfg.moe.num_experts is not None:
+        moe_metrics.track_routers(chunks)
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
     logger.info("rank %d: built %d model chunk(s), %d parameters on this rank (%s spec)",
                 platform.rank, len(chunks), n_params, "TE" if te else "local")

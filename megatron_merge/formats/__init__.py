@@ -1,8 +1,16 @@
 """Checkpoint formats the merger reads and writes.
 
 Each format only lists a checkpoint's pieces and reads/writes them; the arithmetic lives in
-:mod:`megatron_merge.accumulate`. Supported now: megatron-core ``torch_dist`` (PyTorch DCP).
-Planned: legacy Megatron ``torch`` (``mp_rank_*`` directories) and DeepSpeed ZeRO files.
+:mod:`megatron_merge.accumulate`. Formats:
+
+``torch_dist``  megatron-core distributed checkpoints (PyTorch DCP): merged chunk by chunk,
+                inputs may differ in layout (:mod:`.torch_dist`).
+``torch``       legacy Megatron ``mp_rank_*/model_optim_rng.pt``: merged file by file
+                (:mod:`.legacy`).
+``deepspeed``   DeepSpeed tag directories (``*_model_states.pt``, ZeRO ``*_optim_states.pt``):
+                merged file by file (:mod:`.deepspeed`).
+
+The per-rank-file formats share :mod:`.rank_files`.
 """
 
 from __future__ import annotations
@@ -12,18 +20,59 @@ from pathlib import Path
 from megatron_merge.errors import MergeError
 from megatron_merge.formats.torch_dist import TorchDistCheckpoint
 
+FORMATS = ("torch_dist", "torch", "deepspeed")
 
-def open_checkpoint(path: str | Path) -> TorchDistCheckpoint:
-    """Open a checkpoint directory, naming the format when it is one we cannot merge yet."""
+
+def detect_format(path: str | Path) -> str | None:
+    """The format of a checkpoint directory, from its contents; None if it is none of them."""
+    from megatron_merge.formats.deepspeed import looks_like_deepspeed
+    from megatron_merge.formats.legacy import is_legacy_checkpoint
+
     path = Path(path)
-    if path.is_dir() and not (path / "metadata.json").exists():
-        if any(child.name.startswith("mp_rank_") for child in path.iterdir()):
+    if not path.is_dir():
+        return None
+    if (path / "metadata.json").exists():
+        return "torch_dist"
+    if is_legacy_checkpoint(path):
+        return "torch"
+    if looks_like_deepspeed(path) or (path / "latest").is_file():
+        return "deepspeed"
+    return None
+
+
+def open_checkpoint(path: str | Path, format: str | None = None):
+    """Open a checkpoint directory in ``format`` (default: detected from its contents).
+
+    A directory of no known format is opened as ``torch_dist``, whose error names what is missing.
+    """
+    fmt = format or detect_format(path) or "torch_dist"
+    if fmt == "torch_dist":
+        return TorchDistCheckpoint(path)
+    if fmt == "torch":
+        from megatron_merge.formats.legacy import LegacyCheckpoint
+
+        return LegacyCheckpoint(path)
+    if fmt == "deepspeed":
+        from megatron_merge.formats.deepspeed import DeepSpeedCheckpoint
+
+        return DeepSpeedCheckpoint(path)
+    raise MergeError(f"unknown checkpoint format {format!r}; one of {', '.join(FORMATS)}")
+
+
+def input_format(paths, format: str | None = None) -> str:
+    """The one format of all inputs (``format`` if given); raise if they differ."""
+    if format is not None:
+        if format not in FORMATS:
+            raise MergeError(f"unknown checkpoint format {format!r}; one of {', '.join(FORMATS)}")
+        return format
+    paths = [Path(p) for p in paths]
+    found = [detect_format(p) for p in paths]
+    newest = found[-1] or "torch_dist"
+    for path, fmt in zip(paths, found):
+        # An unrecognised directory is left to the newest input's format to refuse by name.
+        if fmt is not None and fmt != newest:
             raise MergeError(
-                f"{path}: legacy Megatron 'torch' checkpoint (mp_rank_* directories); "
-                f"only torch_dist checkpoints can be merged so far"
+                f"{path}: a {fmt} checkpoint, but the newest input {paths[-1]} is {newest}; "
+                f"all inputs must have one format"
             )
-        if (path / "latest").exists() or any(path.glob("*zero_pp_rank_*")):
-            raise MergeError(
-                f"{path}: DeepSpeed checkpoint; only torch_dist checkpoints can be merged so far"
-            )
-    return TorchDistCheckpoint(path)
+    return newest

@@ -1,0 +1,792 @@
+"""Checkpoints made of whole ``torch.save`` files, one per rank, merged file by file.
+
+Legacy Megatron ``torch`` checkpoints (``mp_rank_*/model_optim_rng.pt``) and DeepSpeed checkpoints
+(``*_model_states.pt``, ``*_optim_states.pt``) keep each rank's state as one pickled object tree.
+Nothing is resharded: every file of the newest input is written again under the same name, with
+
+``merge``  the format's weight tensors (model weights, fp32 master weights) replaced by
+           ``sum_i w_i * x_i`` over the same file of every input, through the shared merge loop
+           (:func:`megatron_merge.accumulate.merge_piece`; a tensor is one piece);
+``copy``   everything else taken from the newest input's file (optimizer moments, scheduler,
+           RNG, args, non-float and empty tensors, unknown objects);
+``drop``   optimizer entries or whole optimizer files with ``--model-only``.
+
+A *slot* is a tensor's position in a file's tree: the keys and list indices that lead to it.
+The formats (:mod:`.legacy`, :mod:`.deepspeed`) only say which files a checkpoint has, which
+slots of a file are merged, what ``--model-only`` removes, and which classes their files may
+pickle. This module plans, writes, records and verifies.
+
+Safety: files are read with ``torch.load(weights_only=True)`` under an explicit, per-format
+allowlist of classes (``torch.serialization.safe_globals``); anything else is refused with the
+class named. Memory: inputs are memory-mapped (``mmap=True``); a process holds one output file's
+merged tensors plus one tensor's accumulator, so its peak is bounded by one file.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import functools
+import logging
+import multiprocessing
+import os
+import pickle
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from tqdm import tqdm
+
+from megatron_merge.accumulate import PiecePart, merge_piece, resolve_accumulate_dtype
+from megatron_merge.errors import MergeError
+
+logger = logging.getLogger(__name__)
+
+MERGE_RECORD_FILE = "merge.json"
+
+SlotPath = tuple  # keys (str/int/...) and list indices from the root of a file's object tree
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files safely, walking their trees
+# --------------------------------------------------------------------------------------------
+
+_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+class RefusedGlobal(MergeError):
+    """A file pickles a class or function outside the allowlist; ``qualname`` names it."""
+
+    def __init__(self, message: str, qualname: str):
+        super().__init__(message)
+        self.qualname = qualname
+
+
+def load_pt(path: Path, safe_globals: Sequence, mmap: bool = True) -> Any:
+    """``torch.load(path, weights_only=True)`` with ``safe_globals`` allowed, memory-mapped.
+
+    Raises :class:`MergeError` naming the file (and the refused class, if that is the cause).
+    """
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise MergeError(f"{path}: missing") from None
+    except pickle.UnpicklingError as err:
+        match = _UNSUPPORTED_GLOBAL.search(str(err))
+        if match:
+            raise RefusedGlobal(
+                f"{path}: refusing to unpickle {match.group(1)}: not in the allowlist of classes "
+                f"this checkpoint format may contain (files load with weights_only=True)",
+                match.group(1),
+            ) from None
+        detail = re.search(r"WeightsUnpickler error: (.*)", str(err))
+        reason = detail.group(1)[:300] if detail else _first_line(err)
+        raise MergeError(f"{path}: cannot load with weights_only=True ({reason})") from None
+    except RuntimeError as err:
+        if mmap and "mmap" in str(err):  # a file from torch < 1.6 (not a zip archive): no mmap
+            return load_pt(path, safe_globals, mmap=False)
+        raise MergeError(f"{path}: corrupt or truncated ({_first_line(err)})") from None
+    except Exception as err:  # noqa: BLE001 - any other failure means an unreadable file
+        raise MergeError(f"{path}: corrupt or truncated ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+@functools.lru_cache(maxsize=None)
+def common_safe_globals() -> tuple:
+    """What Megatron and DeepSpeed store beside the tensors, allowed for every per-rank format.
+
+    ``argparse.Namespace`` / ``SimpleNamespace`` (Megatron's ``args``), ``io.BytesIO`` (Transformer
+    Engine ``_extra_state``), and numpy arrays and scalars (``np.random.get_state()`` in
+    ``rng_state``). Each rebuilds plain data; none runs code from the file. Entries are
+    ``(object, "module.name")`` pairs where numpy 1 and numpy 2 pickle the same thing under
+    different names.
+    """
+    import argparse
+    import io
+    import types
+
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    allowed: list = [argparse.Namespace, types.SimpleNamespace, io.BytesIO, np.ndarray, np.dtype]
+    for name in ("_reconstruct", "scalar"):
+        function = getattr(multiarray, name)
+        allowed += [(function, f"numpy.core.multiarray.{name}"),
+                    (function, f"numpy._core.multiarray.{name}")]
+    # numpy >= 1.25 pickles a dtype's class (numpy.dtypes.UInt32DType, ...) in some cases
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [cls for cls in vars(dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)]
+    return tuple(allowed)
+
+
+def iter_tensors(obj: Any, prefix: SlotPath = ()) -> Iterator[tuple[SlotPath, torch.Tensor]]:
+    """Every tensor in a tree of dicts, lists and tuples, with its slot path (depth first)."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from iter_tensors(value, prefix + (key,))
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from iter_tensors(value, prefix + (index,))
+
+
+def weight_tensors(obj: Any, prefix: SlotPath = ()) -> Iterator[tuple[SlotPath, torch.Tensor]]:
+    """Tensors under ``obj`` that a merge combines: floating point and not empty."""
+    for path, tensor in iter_tensors(obj, prefix):
+        if tensor.dtype.is_floating_point and tensor.numel() > 0:
+            yield path, tensor
+
+
+def get_at(obj: Any, path: SlotPath) -> Any:
+    for key in path:
+        obj = obj[key]
+    return obj
+
+
+def replace_at(obj: Any, path: SlotPath, value: Any) -> Any:
+    """``obj`` with the item at ``path`` replaced (in place where the containers allow it)."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    child = replace_at(obj[head], rest, value)
+    if isinstance(obj, tuple) and type(obj) is tuple:
+        return obj[:head] + (child,) + obj[head + 1:]
+    obj[head] = child
+    return obj
+
+
+def slot_text(path: SlotPath) -> str:
+    """``("model", "decoder.final_layernorm.weight")`` -> ``model/decoder.final_layernorm.weight``."""
+    return "/".join(str(key) for key in path)
+
+
+# --------------------------------------------------------------------------------------------
+# What a format provides
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileRule:
+    """A format's decision for one file of the newest input."""
+
+    merged: tuple[SlotPath, ...] = ()  # slots merged across inputs
+    # For flat buffers with padding (ZeRO partitions): the [start, stop) element ranges of the
+    # flattened tensor that hold weights. Only those are merged; the rest (padding, which may be
+    # uninitialised memory) is copied from the newest input. Absent: the whole tensor is merged.
+    ranges: dict = field(default_factory=dict)
+    dropped_entries: tuple[str, ...] = ()  # top-level keys removed (--model-only)
+    emptied_entries: tuple[str, ...] = ()  # top-level keys set to None (--model-only)
+    drop_file: bool = False  # the whole file is left out (--model-only)
+    why_dropped: str = ""
+
+
+class RankFileCheckpoint:
+    """Base of the per-rank-file formats: a checkpoint directory holding ``torch.save`` files.
+
+    Subclasses set ``format`` and ``safe_globals()`` and implement ``_list_files``, ``rule``,
+    ``iteration`` and optionally ``layout`` / ``check_matches``.
+    """
+
+    format = "?"
+    # Classes allowed by name, imported only when a file turns out to need them (so that
+    # merging files that hold none does not pay for importing megatron-core or DeepSpeed).
+    on_demand_globals: frozenset[str] = frozenset()
+    _resolved: dict[str, Any]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._resolved = {}
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise MergeError(f"{self.path}: no such checkpoint directory")
+        self._files = self._list_files()
+
+    # -- provided by the formats ----------------------------------------------------------------
+
+    def _list_files(self) -> list[str]:
+        raise NotImplementedError
+
+    def safe_globals(self) -> list:
+        """Classes and functions (beyond torch's defaults) this format's files may pickle."""
+        return []
+
+    def rule(self, name: str, obj: Any, model_only: bool) -> FileRule:
+        """Which slots of file ``name`` (already loaded as ``obj``) are merged, what is dropped."""
+        raise NotImplementedError
+
+    def iteration(self) -> int | None:
+        return None
+
+    def layout(self) -> dict:
+        """The parallel layout, for the plan and merge.json."""
+        return {}
+
+    def check_matches(self, newest: "RankFileCheckpoint") -> None:
+        """Raise if this (older) input cannot be merged file by file with ``newest``."""
+        mine, theirs = self.layout(), newest.layout()
+        if mine != theirs:
+            raise MergeError(
+                f"{self.path}: saved at layout {_layout_text(mine)}, the newest input {newest.path} at "
+                f"{_layout_text(theirs)}; {self.format} checkpoints are merged file by file and "
+                f"need the same layout"
+            )
+
+    # -- shared ---------------------------------------------------------------------------------
+
+    def files(self) -> list[str]:
+        """Data files, relative to the checkpoint directory, sorted."""
+        return list(self._files)
+
+    def extra_files(self) -> list[str]:
+        """Top-level entries that are not data files (copied from the newest input as they are)."""
+        data_tops = {name.split("/", 1)[0] for name in self._files}
+        return sorted(
+            p.name for p in self.path.iterdir()
+            if p.name not in data_tops and p.name != MERGE_RECORD_FILE
+        )
+
+    def load(self, name: str, mmap: bool = True) -> Any:
+        """File ``name`` of this checkpoint, loaded safely (memory-mapped by default)."""
+        return self.load_file(self.path / name, mmap)
+
+    def load_file(self, path: Path, mmap: bool = True) -> Any:
+        """Any file of this format, loaded with ``weights_only=True`` and the format's allowlist."""
+        while True:
+            try:
+                return load_pt(path, [*self.safe_globals(), *self._resolved.values()], mmap)
+            except RefusedGlobal as err:
+                if err.qualname not in self.on_demand_globals or err.qualname in self._resolved:
+                    raise
+                self._resolved[err.qualname] = self._import_global(err, path)
+
+    def _import_global(self, err: RefusedGlobal, path: Path) -> Any:
+        import importlib
+
+        module_name, _, attr = err.qualname.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError):
+            raise MergeError(
+                f"{path}: pickles {err.qualname}, which is allowed but cannot be imported here "
+                f"(install the package that defines it)"
+            ) from None
+
+    def file_size(self, name: str) -> int:
+        try:
+            return (self.path / name).stat().st_size
+        except FileNotFoundError:
+            raise MergeError(f"{self.path / name}: missing") from None
+
+
+def _layout_text(layout: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in layout.items() if k != "decided_from") or "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One merged tensor: where it is in the file, its shape and dtype, and -- for a padded
+    flat buffer -- the element ranges that are merged (each range is one piece)."""
+
+    path: SlotPath
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    ranges: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def text(self) -> str:
+        return slot_text(self.path)
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class RankFilePlan:
+    """One output file: its name, the slots merged in it, the entries removed."""
+
+    name: str
+    merged: tuple[Slot, ...]
+    dropped_entries: tuple[str, ...]
+    emptied_entries: tuple[str, ...]
+    copied: tuple[str, ...]  # what is taken from the newest input (for merge.json)
+    nbytes: int  # size of the newest input's file
+
+    @property
+    def copy_only(self) -> bool:
+        return not (self.merged or self.dropped_entries or self.emptied_entries)
+
+
+@dataclass
+class RankFileMergePlan:
+    """Everything decided before writing a byte. ``inputs`` are ordered oldest first."""
+
+    format: str
+    inputs: list
+    weights: list[float]
+    method: str
+    alpha: float | None
+    normalize: bool
+    model_only: bool
+    accumulate_dtype: str
+    files: list[RankFilePlan]
+    dropped_files: dict[str, str]  # file -> why it is left out
+    layout: dict
+    bytes_to_read: int
+    peak_bytes_per_worker: int
+    checkpoints: list[RankFileCheckpoint] = field(repr=False, default_factory=list)
+
+    @property
+    def newest(self) -> RankFileCheckpoint:
+        return self.checkpoints[-1]
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    @property
+    def merged_keys(self) -> dict[str, dict[str, str]]:
+        return {f.name: {s.text: str(s.dtype) for s in f.merged} for f in self.files if f.merged}
+
+    def describe(self) -> str:
+        """Human-readable plan (what ``--dry-run`` prints)."""
+        from megatron_merge.offline import _human_bytes
+
+        lines = [f"method: {self.method}" + (f" (alpha={self.alpha})" if self.alpha is not None else "")]
+        lines.append("inputs (oldest first):")
+        for ref, weight in zip(self.inputs, self.weights):
+            it = "?" if ref.iteration is None else ref.iteration
+            lines.append(f"  iteration {it:>10}  weight {weight:.6f}  {ref.path}")
+        n_merged = sum(len(f.merged) for f in self.files)
+        lines += [
+            f"format: {self.format} ({_layout_text(self.layout)}), merged file by file",
+            f"files: {len(self.files)} written in the newest input's layout, "
+            f"{sum(1 for f in self.files if f.copy_only)} of them copied unchanged, "
+            f"{len(self.dropped_files)} dropped",
+            f"tensors: {n_merged} merged; everything else copied from the newest input",
+            f"accumulate in: {self.accumulate_dtype}",
+            f"to read: {_human_bytes(self.bytes_to_read)}, to write: ~{_human_bytes(self.bytes_to_write)}",
+            f"projected peak memory per worker: {_human_bytes(self.peak_bytes_per_worker)} "
+            f"(one file's merged tensors and one tensor's working set; inputs are memory-mapped)",
+        ]
+        return "\n".join(lines)
+
+    # -- doing it (called by megatron_merge.offline) ---------------------------------------------
+
+    def execute(self, out_dir: Path, *, workers: int = 1, allow_nonfinite: bool = False,
+                progress: bool = False, checkpoint_id: str | None = None) -> None:
+        execute_rank_file_plan(self, out_dir, workers=workers, allow_nonfinite=allow_nonfinite,
+                               progress=progress)
+
+    def record(self, out: Path, allow_nonfinite: bool) -> dict:
+        return merge_record(self, out, allow_nonfinite)
+
+    def verify(self, out_dir: Path, samples: int = 8, seed: int = 0) -> int:
+        return verify_rank_file_merge(self, out_dir, samples=samples, seed=seed)
+
+
+def plan_rank_file_merge(
+    refs: list,
+    checkpoints: list[RankFileCheckpoint],
+    weights: list[float],
+    *,
+    method: str,
+    alpha: float | None,
+    normalize: bool,
+    model_only: bool,
+    accumulate_dtype: str,
+) -> RankFileMergePlan:
+    """Check the inputs agree file by file and decide what happens to every file and tensor."""
+    newest = checkpoints[-1]
+    for ckpt in checkpoints[:-1]:
+        ckpt.check_matches(newest)
+        extra = sorted(set(ckpt.files()) - set(newest.files()))
+        if extra:
+            raise MergeError(
+                f"{ckpt.path / extra[0]}: not in the newest input {newest.path} "
+                f"(inputs must have the same files)"
+            )
+    acc_itemsize = resolve_accumulate_dtype(accumulate_dtype).itemsize
+    files, dropped_files = [], {}
+    bytes_to_read, peak = 0, 0
+    for name in newest.files():
+        obj = newest.load(name)
+        rule = newest.rule(name, obj, model_only)
+        if rule.drop_file:
+            dropped_files[name] = rule.why_dropped
+            continue
+        slots = tuple(_slot(obj, path, rule) for path in rule.merged)
+        _check_older_inputs(checkpoints, name, obj, rule, slots, model_only)
+        size = newest.file_size(name)
+        plan = RankFilePlan(
+            name, slots, rule.dropped_entries, rule.emptied_entries,
+            _copied_entries(obj, rule), size,
+        )
+        files.append(plan)
+        bytes_to_read += size + sum(s.nbytes for s in slots) * (len(checkpoints) - 1)
+        merged_bytes = sum(s.nbytes for s in slots)
+        largest = max((s.nbytes for s in slots), default=0)
+        largest_numel = max((s.nbytes // s.dtype.itemsize for s in slots), default=0)
+        # merged tensors of the file + accumulator and converted term + one input tensor
+        peak = max(peak, merged_bytes + 2 * largest_numel * acc_itemsize + largest)
+        del obj
+    return RankFileMergePlan(
+        format=newest.format, inputs=refs, weights=weights, method=method,
+        alpha=alpha if method == "ema" else None, normalize=normalize, model_only=model_only,
+        accumulate_dtype=accumulate_dtype, files=files, dropped_files=dropped_files,
+        layout=newest.layout(), bytes_to_read=bytes_to_read, peak_bytes_per_worker=peak,
+        checkpoints=checkpoints,
+    )
+
+
+def _slot(obj: Any, path: SlotPath, rule: FileRule) -> Slot:
+    tensor = get_at(obj, path)
+    ranges = rule.ranges.get(path)
+    return Slot(path, tuple(tensor.shape), tensor.dtype, None if ranges is None else tuple(ranges))
+
+
+def _check_older_inputs(checkpoints, name: str, newest_obj: Any, rule: FileRule,
+                        slots: tuple[Slot, ...], model_only: bool) -> None:
+    """Every older input's file has the newest's merged tensors, same shapes and dtypes, no more."""
+    newest = checkpoints[-1]
+    wanted = {s.path for s in slots}
+    for ckpt in checkpoints[:-1]:
+        where = ckpt.path / name
+        if not where.is_file():
+            raise MergeError(f"{where}: missing (the newest input {newest.path} has {name})")
+        obj = ckpt.load(name)
+        for slot in slots:
+            try:
+                value = get_at(obj, slot.path)
+            except (KeyError, IndexError, TypeError):
+                raise MergeError(
+                    f"{where}: key {slot.text!r} is missing (present in {newest.path / name})"
+                ) from None
+            if not isinstance(value, torch.Tensor):
+                raise MergeError(f"{where}: key {slot.text!r} is {type(value).__name__}, not a tensor")
+            if tuple(value.shape) != slot.shape:
+                raise MergeError(
+                    f"{where}: key {slot.text!r} has shape {tuple(value.shape)}, "
+                    f"{newest.path / name} has {slot.shape}"
+                )
+            if value.dtype != slot.dtype:
+                raise MergeError(
+                    f"{where}: key {slot.text!r} has dtype {value.dtype}, "
+                    f"{newest.path / name} has {slot.dtype}"
+                )
+        older_rule = ckpt.rule(name, obj, model_only)
+        for slot in slots:
+            ranges = older_rule.ranges.get(slot.path)
+            if (None if ranges is None else tuple(ranges)) != slot.ranges:
+                raise MergeError(
+                    f"{where}: key {slot.text!r}: the parameters are laid out differently in this "
+                    f"flat buffer than in {newest.path / name}"
+                )
+        extra = [p for p in older_rule.merged if p not in wanted]
+        if extra:
+            raise MergeError(
+                f"{where}: key {slot_text(extra[0])!r} is a merged tensor here but not in the "
+                f"newest input {newest.path / name}"
+            )
+        del obj
+
+
+def _copied_entries(obj: Any, rule: FileRule) -> tuple[str, ...]:
+    """Top-level entries taken from the newest input (annotated where part of them is merged)."""
+    if not isinstance(obj, dict):
+        return ("(whole object)",) if not rule.merged else ("everything but the merged tensors",)
+    merged_tops = {path[0] for path in rule.merged}
+    removed = set(rule.dropped_entries) | set(rule.emptied_entries)
+    copied = []
+    for key in obj:
+        if key in removed:
+            continue
+        if key not in merged_tops:
+            copied.append(str(key))
+            continue
+        n_leaves = _count_leaves(obj[key])
+        n_merged = sum(1 for p in rule.merged if p[0] == key)
+        if n_leaves > n_merged:
+            copied.append(f"{key}: everything but its {n_merged} merged tensors")
+    return tuple(copied)
+
+
+def _count_leaves(obj: Any) -> int:
+    if isinstance(obj, dict):
+        return sum(_count_leaves(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size):
+        return sum(_count_leaves(v) for v in obj)
+    return 1
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    checkpoints: list[RankFileCheckpoint]
+    weights: list[float]
+    acc_dtype: torch.dtype
+    allow_nonfinite: bool
+    out_dir: Path
+
+
+def write_rank_file(ctx: _Context, plan: RankFilePlan) -> None:
+    """Write one output file: the newest input's tree with the merged slots replaced."""
+    newest = ctx.checkpoints[-1]
+    target = ctx.out_dir / plan.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if plan.copy_only:
+        shutil.copyfile(newest.path / plan.name, target)
+        return
+    trees = [ckpt.load(plan.name) for ckpt in ctx.checkpoints]  # memory-mapped
+    out = trees[-1]
+    for slot in plan.merged:
+
+        def parts_of_input(i: int, slot: Slot = slot) -> Iterator[PiecePart]:
+            values = get_at(trees[i], slot.path)
+            if not isinstance(values, torch.Tensor) or tuple(values.shape) != slot.shape:
+                raise MergeError(
+                    f"{ctx.checkpoints[i].path / plan.name}: key {slot.text!r} changed since planning"
+                )
+            region = tuple(slice(None) for _ in slot.shape)
+            origin = f"{ctx.checkpoints[i].path / plan.name} (key {slot.text!r})"
+            yield PiecePart(region, values, origin)
+
+        original = get_at(out, slot.path)
+        if slot.ranges is None:
+            merged = merge_piece(
+                slot.shape, slot.dtype, ctx.weights, parts_of_input, ctx.acc_dtype,
+                ctx.allow_nonfinite, describe_piece=f"key {slot.text!r} of {plan.name}",
+            )
+        else:
+            merged = _merge_ranges(ctx, plan.name, trees, slot)
+        if isinstance(original, torch.nn.Parameter):
+            merged = torch.nn.Parameter(merged, requires_grad=original.requires_grad)
+        elif original.requires_grad:  # e.g. DeepSpeed's fp32 partitions: keep what was saved
+            merged.requires_grad_(True)
+        out = replace_at(out, slot.path, merged)
+    for key in plan.dropped_entries:
+        out.pop(key, None)
+    for key in plan.emptied_entries:
+        out[key] = None
+    tmp = target.with_name(target.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(out, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(target)
+    del trees, out
+
+
+def _merge_ranges(ctx: _Context, name: str, trees: list, slot: Slot) -> torch.Tensor:
+    """A padded flat buffer: each weight range is a piece of the merge loop; padding is the
+    newest input's."""
+    out = get_at(trees[-1], slot.path).detach().clone(memory_format=torch.contiguous_format)
+    flat = out.view(-1)
+    for start, stop in slot.ranges:
+
+        def parts_of_input(i: int, start: int = start, stop: int = stop) -> Iterator[PiecePart]:
+            values = get_at(trees[i], slot.path).reshape(-1)[start:stop]
+            origin = (f"{ctx.checkpoints[i].path / name} (key {slot.text!r}, "
+                      f"elements [{start}, {stop}))")
+            yield PiecePart((slice(None),), values, origin)
+
+        flat[start:stop] = merge_piece(
+            (stop - start,), slot.dtype, ctx.weights, parts_of_input, ctx.acc_dtype,
+            ctx.allow_nonfinite, describe_piece=f"key {slot.text!r} of {name} [{start}, {stop})",
+        )
+    return out
+
+
+_WORKER_CONTEXT: _Context | None = None
+
+
+def _init_worker(fmt, paths, weights, acc_dtype_name, allow_nonfinite, out_dir, threads) -> None:
+    global _WORKER_CONTEXT
+    from megatron_merge.formats import open_checkpoint
+
+    torch.set_num_threads(threads)
+    _WORKER_CONTEXT = _Context(
+        [open_checkpoint(p, fmt) for p in paths], weights, resolve_accumulate_dtype(acc_dtype_name),
+        allow_nonfinite, Path(out_dir),
+    )
+
+
+def _write_in_worker(plan: RankFilePlan) -> str:
+    write_rank_file(_WORKER_CONTEXT, plan)
+    return plan.name
+
+
+def execute_rank_file_plan(plan: RankFileMergePlan, out_dir: str | Path, *, workers: int = 1,
+                           allow_nonfinite: bool = False, progress: bool = False) -> None:
+    """Write the merged checkpoint described by ``plan`` into the existing ``out_dir``."""
+    out_dir = Path(out_dir)
+    bar = tqdm(
+        total=plan.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024,
+        desc="merging", disable=not progress, dynamic_ncols=True,
+    )
+    with bar:
+        if workers <= 1 or len(plan.files) <= 1:
+            ctx = _Context(plan.checkpoints, plan.weights,
+                           resolve_accumulate_dtype(plan.accumulate_dtype), allow_nonfinite, out_dir)
+            for file_plan in plan.files:
+                write_rank_file(ctx, file_plan)
+                bar.update(file_plan.nbytes)
+        else:
+            _run_workers(plan, out_dir, workers, allow_nonfinite, bar)
+    newest = plan.newest
+    for extra in newest.extra_files():
+        source = newest.path / extra
+        if source.is_dir():
+            shutil.copytree(source, out_dir / extra, symlinks=True)
+        else:
+            shutil.copy2(source, out_dir / extra)
+
+
+def _run_workers(plan: RankFileMergePlan, out_dir: Path, workers: int, allow_nonfinite: bool, bar) -> None:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    files = sorted(plan.files, key=lambda f: f.nbytes, reverse=True)  # largest first
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=min(workers, len(files)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(plan.format, [str(c.path) for c in plan.checkpoints], plan.weights,
+                  plan.accumulate_dtype, allow_nonfinite, str(out_dir), threads),
+    ) as pool:
+        futures = {pool.submit(_write_in_worker, f): f for f in files}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                future.result()
+                bar.update(futures[future].nbytes)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+# --------------------------------------------------------------------------------------------
+# merge.json and --verify
+# --------------------------------------------------------------------------------------------
+
+
+def merge_record(plan: RankFileMergePlan, out: Path, allow_nonfinite: bool) -> dict:
+    """The ``merge.json`` written beside the merged checkpoint."""
+    from megatron_merge import __version__
+
+    return {
+        "tool": "megatron-merge",
+        "version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "output": str(Path(out).resolve()),
+        "format": plan.format,
+        "method": plan.method,
+        "alpha": plan.alpha,
+        "normalize": plan.normalize,
+        "weights": plan.weights,
+        "inputs": [
+            {"path": str(ref.path.resolve()), "iteration": ref.iteration, "weight": w}
+            for ref, w in zip(plan.inputs, plan.weights)
+        ],
+        "accumulate_dtype": plan.accumulate_dtype,
+        "allow_nonfinite": allow_nonfinite,
+        "model_only": plan.model_only,
+        "layout_from": str(plan.newest.path.resolve()),
+        "layout": plan.layout,
+        "merged": plan.merged_keys,
+        "copied_from_newest": {f.name: list(f.copied) for f in plan.files},
+        "dropped": {
+            **{f.name: [*f.dropped_entries, *(f"{k} (set to None)" for k in f.emptied_entries)]
+               for f in plan.files if f.dropped_entries or f.emptied_entries},
+            **plan.dropped_files,
+        },
+        "files_copied_from_newest": plan.newest.extra_files(),
+    }
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN padding equals itself, unlike ``torch.equal``)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.is_floating_point:
+        as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.dtype.itemsize]
+        return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
+    return torch.equal(a, b)
+
+
+def verify_rank_file_merge(plan: RankFileMergePlan, out_dir: str | Path, samples: int = 8,
+                           seed: int = 0) -> int:
+    """Re-read the output and check sampled merged tensors against an independent recomputation.
+
+    Every output file is loaded with plain ``torch.load(weights_only=True)`` (no memory map),
+    dropped entries must be gone, and for up to ``samples`` merged tensors the expected value is
+    recomputed from each input file (loaded the same way) with the documented formula and
+    compared bit for bit. Returns how many tensors were checked.
+    """
+    out_dir = Path(out_dir)
+    newest = plan.newest
+    expected_files = sorted(f.name for f in plan.files)
+    written = sorted(
+        str(p.relative_to(out_dir)) for p in out_dir.rglob("*.pt") if p.is_file()
+    )
+    if written != expected_files:
+        raise MergeError(f"{out_dir}: verify: output files differ from the plan")
+    candidates = [(f, s) for f in plan.files for s in f.merged]
+    chosen = random.Random(seed).sample(candidates, min(samples, len(candidates)))
+    acc_dtype = resolve_accumulate_dtype(plan.accumulate_dtype)
+    for file_plan in plan.files:
+        out_obj = newest.load_file(out_dir / file_plan.name, mmap=False)
+        if isinstance(out_obj, dict) and any(k in out_obj for k in file_plan.dropped_entries):
+            raise MergeError(f"{out_dir / file_plan.name}: verify: dropped entries are still there")
+        mine = [s for f, s in chosen if f is file_plan]
+        if not mine:
+            continue
+        expected = [torch.zeros(s.shape, dtype=acc_dtype) for s in mine]
+        padding = []  # what unmerged elements of padded flat buffers must hold: the newest's
+        for ckpt, weight in zip(plan.checkpoints, plan.weights):
+            tree = ckpt.load(file_plan.name, mmap=False)
+            weight_t = torch.tensor(weight, dtype=acc_dtype)
+            for acc, slot in zip(expected, mine):
+                acc.add_(get_at(tree, slot.path).to(acc_dtype) * weight_t)
+            if ckpt is newest:
+                padding = [get_at(tree, s.path) for s in mine]
+            del tree
+        for acc, slot, newest_value in zip(expected, mine, padding):
+            want = acc.to(slot.dtype)
+            if slot.ranges is not None:
+                keep = newest_value.clone().reshape(-1)
+                for start, stop in slot.ranges:
+                    keep[start:stop] = want.reshape(-1)[start:stop]
+                want = keep.reshape(slot.shape)
+            got = get_at(out_obj, slot.path)
+            if not (isinstance(got, torch.Tensor) and same_bits(got, want)):
+                raise MergeError(
+                    f"{out_dir / file_plan.name}: verify failed: key {slot.text!r} differs from an "
+                    f"independent recomputation"
+                )
+        del out_obj
+    logger.info("verified %d merged tensors of %s", len(chosen), out_dir)
+    return len(chosen)
