@@ -14,12 +14,13 @@ def print_summary(cfg: RunConfig, summary) -> None:
         lines.append(f"  training loss     {summary.first_loss:.4f} (first) -> {summary.last_loss:.4f} (last)")
     if summary.evaluations:
         merged = any("val_loss_merged" in r for r in summary.evaluations)
-        lines.append("  validation        iteration  val_loss" + ("  val_loss_merged  (merged snapshots)" if merged else ""))
+        lines.append("  validation        iteration  val_loss" +
+                     ("  val_loss_merged (merged - raw)  merged snapshots" if merged else ""))
         for r in summary.evaluations:
             line = f"                    {r['iteration']:9d}  {r['val_loss']:.4f}"
             if "val_loss_merged" in r:
-                gain = r["val_loss"] - r["val_loss_merged"]
-                line += (f"  {r['val_loss_merged']:.4f} ({gain:+.4f})  "
+                delta = r["val_loss_merged"] - r["val_loss"]
+                line += (f"  {r['val_loss_merged']:.4f} ({delta:+.4f})          "
                          f"{r['merge_method']} n={r['merge_n']}, iterations {r['merge_span'][0]}-{r['merge_span'][1]}")
             lines.append(line)
     if summary.checkpoint:
