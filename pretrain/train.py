@@ -292,12 +292,16 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
     def run_evaluation() -> None:
         if not valid_batches:  # the split has no validation share
             return
+        began = time.perf_counter()
         record = {"iteration": state.iteration, "val_loss": evaluate(model, valid_batches, cfg)}
+        record["eval_s"] = time.perf_counter() - began
         if merger is not None and cfg.merge.eval and merger.count > 0:
             # The annealing prediction: the same batches through the merged weights, swapped in
             # and restored bit-exactly, so training goes on as if nothing happened.
+            began = time.perf_counter()
             with merger.merged_weights_in_model():
                 record["val_loss_merged"] = evaluate(model, valid_batches, cfg)
+            record["eval_merged_s"] = time.perf_counter() - began
             record.update(merger.describe())
         if logging_rank:
             line = f"iter {state.iteration:6d} | validation loss {record['val_loss']:.4f}"
@@ -310,9 +314,14 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
 
     def save() -> None:
         nonlocal last_saved
+        began = time.perf_counter()
         summary.checkpoint = str(ckpt.save_checkpoint(cfg, model, optimizer, scheduler, state, merger=merger))
+        record = {"iteration": state.iteration, "event": "save", "save_s": time.perf_counter() - began}
         if merger is not None and cfg.merge.save and merger.count > 0:
+            began = time.perf_counter()
             summary.merged_checkpoint = str(save_merged_checkpoint(cfg, merger, model, state))
+            record["merged_save_s"] = time.perf_counter() - began
+        metrics.log(record)
         last_saved = state.iteration
 
     while state.iteration < t.train_iters:
@@ -322,7 +331,9 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
         moe_record = moe_metrics.step_metrics(cfg)  # every rank: it reduces across groups; {} when dense
         state.iteration += 1
         state.consumed_samples += t.global_batch_size
+        snapshot_start = time.perf_counter()
         snapshot = merger is not None and merger.maybe_snapshot(state.iteration)
+        snapshot_s = time.perf_counter() - snapshot_start
         elapsed = time.perf_counter() - step_start
 
         if logging_rank:
@@ -340,7 +351,7 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
                 **moe_record,
             }
             if snapshot:
-                record["merge_snapshot"] = True
+                record["merge_snapshot_s"] = snapshot_s
             show = state.iteration % cfg.logging.log_interval == 0 or state.iteration == t.train_iters
             metrics.log(record, stdout=_format_step(record, t.train_iters) if show else None)
             summary.losses.append(loss)
@@ -362,10 +373,29 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
 
     summary.iterations = state.iteration
     summary.seconds = time.perf_counter() - start
+    end = {"iteration": state.iteration, "event": "end", "seconds": summary.seconds,
+           "peak_rss_mib": _peak_rss_mib()}
+    if merger is not None:
+        end["merge_state_mib"] = merger.memory_bytes() / 2**20
+    metrics.log(end)
     if summary.losses:
         summary.first_loss, summary.last_loss = summary.losses[0], summary.losses[-1]
     metrics.close()
     return summary
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux VmHWM; ru_maxrss elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _format_step(r: dict, total: int) -> str:
