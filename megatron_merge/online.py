@@ -181,17 +181,24 @@ class PartitionMerger:
         return merged
 
     def _merge_from_disk(self) -> dict[str, torch.Tensor]:
-        """Read this rank's owned parameters from each snapshot checkpoint, one checkpoint at a time."""
+        directories = [Path(self.run_dir) / f"iter_{it:07d}" for it in self.iterations]
+        return self.merge_checkpoints(directories, self.weights())
+
+    def merge_checkpoints(self, directories: Sequence[Path], weights: Sequence[float],
+                          ema_alpha: Optional[float] = None) -> dict[str, torch.Tensor]:
+        """Merge this rank's owned parameters from saved torch_dist checkpoints (oldest first).
+
+        Each checkpoint is read once, only this rank's owned part of it (collective: every rank
+        calls it). The arithmetic is the offline tool's: a weighted sum, or the EMA recursion.
+        """
         from megatron.core import dist_checkpointing
 
-        weights = self.weights()
         owned = self.owned
         acc = {s.name: torch.zeros(s.param.shape, dtype=torch.float32) for s in owned}
-        for i, iteration in enumerate(self.iterations):
-            directory = Path(self.run_dir) / f"iter_{iteration:07d}"
+        for i, directory in enumerate(directories):
+            directory = Path(directory)
             if not (directory / "metadata.json").is_file():
-                raise MergeError(f"{directory}: missing; merge.storage: disk reads the snapshot of iteration "
-                                 f"{iteration} back from this checkpoint")
+                raise MergeError(f"{directory}: missing or not a torch_dist checkpoint (needed for merging)")
             request = {s.name: _retarget(s.sharded, s.sharded.key, torch.empty(s.param.shape, dtype=s.param.dtype),
                                          owner=True) for s in owned}
             loaded = dist_checkpointing.load(request, str(directory))  # collective: every rank calls it
@@ -199,9 +206,21 @@ class PartitionMerger:
             for slot in owned:
                 values = loaded[slot.name]
                 check_finite(values, f"{directory} (key {slot.sharded.key!r})")
-                add_weighted(acc[slot.name], values, weight)
+                if ema_alpha is None:
+                    add_weighted(acc[slot.name], values, weight)
+                else:
+                    ema_update(acc[slot.name], values, ema_alpha, first=(i == 0))
             del loaded
         return {s.name: acc[s.name].to(s.param.dtype) for s in owned}
+
+    def install(self, merged_owned: dict[str, torch.Tensor]) -> None:
+        """Write merged values into the model: owners copy theirs, then broadcast to their replicas."""
+        with torch.no_grad():
+            for slot in self.slots:
+                if slot.owner == self.rank:
+                    slot.param.copy_(merged_owned[slot.name])
+                if slot.group is not None:
+                    dist.broadcast(slot.param.data, src=slot.owner, group=slot.group)
 
     @contextlib.contextmanager
     def merged_weights_in_model(self) -> Iterator[None]:
@@ -210,11 +229,8 @@ class PartitionMerger:
         with torch.no_grad():
             backup = [s.param.detach().clone() for s in self.slots]
             try:
-                for slot in self.slots:
-                    if slot.owner == self.rank:
-                        slot.param.copy_(merged[slot.name])
-                    if slot.group is not None:
-                        dist.broadcast(slot.param.data, src=slot.owner, group=slot.group)
+                self.install(merged)
+                del merged
                 yield
             finally:
                 for slot, raw in zip(self.slots, backup):

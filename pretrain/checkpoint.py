@@ -74,7 +74,8 @@ def read_tracker(root: str | Path) -> Optional[int]:
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
-    """Map ``checkpoint.load`` (a run directory or an ``iter_*`` directory) to (dir, iteration)."""
+    """Map ``checkpoint.load`` (a run directory, an ``iter_*`` directory or any checkpoint directory,
+    e.g. a merge output) to (dir, iteration)."""
     path = Path(path)
     if path.name.startswith("iter_") and path.is_dir():
         try:
@@ -85,6 +86,11 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
 
     if is_legacy_checkpoint(path):  # a legacy-format checkpoint under another name (a merge output)
         return path, stored_iteration(path)
+    if (path / "metadata.json").is_file() and (path / "common.pt").is_file():  # a torch_dist checkpoint, any name
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        if "iteration" not in common:
+            raise CheckpointError(f"{path / 'common.pt'}: key 'iteration' missing (not a pretrain checkpoint)")
+        return path, int(common["iteration"])
     iteration = read_tracker(path)
     if iteration is None:
         raise CheckpointError(f"{path}: no {TRACKER_FILE} (not a run directory with a saved checkpoint)")

@@ -153,6 +153,12 @@ class SchedulerConfig:
     decay_iters: Optional[int] = doc(None, "Iteration where decay ends; null = train.train_iters.")
     wsd_decay_iters: Optional[int] = doc(None, "Length of the WSD decay stage; null = 10% of decay_iters.")
     wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = doc("linear", "Shape of the WSD decay.")
+    inject_spike_at: Optional[int] = doc(
+        None, "Fault injection for testing recovery: multiply the LR by inject_spike_factor from this iteration "
+        "(once per process)."
+    )
+    inject_spike_factor: float = doc(1000.0, "LR multiplier of the injected spike.")
+    inject_spike_iters: int = doc(3, "Iterations the injected spike lasts.")
 
 
 @dataclass
@@ -192,6 +198,24 @@ class CheckpointConfig:
     no_load_optim: bool = doc(False, "Resume weights only; fresh optimizer state.")
     no_load_rng: bool = doc(False, "Do not restore RNG states.")
     exit_after_save: bool = doc(False, "Stop after the first checkpoint save (for tests of crash/resume).")
+    init_from: Optional[str] = doc(
+        None,
+        "Start a new phase (continued training, annealing, SFT) from these weights: a checkpoint directory "
+        "(e.g. a merged one), or a run directory merged on the fly per rank with init_merge_method.",
+    )
+    init_merge_method: Optional[Literal["sma", "ema", "wma", "wsm-linear", "wsm-minus-sqrt"]] = doc(
+        None, "Merge init_from's checkpoints on the fly (PMA-init); null = load init_from as it is."
+    )
+    init_merge_last: int = doc(3, "With init_merge_method: merge the newest N saved iterations.")
+    init_merge_every: int = doc(1, "With init_merge_method: take every K-th saved iteration (the interval V).")
+    init_merge_iterations: list = doc([], "With init_merge_method: exactly these iterations (instead of last/every).")
+    init_merge_alpha: float = doc(0.2, "EMA factor for init_merge_method: ema.")
+    init_optimizer: Literal["fresh", "checkpoint"] = doc(
+        "fresh", "Optimizer state for init_from: fresh Adam, or the newest input checkpoint's."
+    )
+    init_keep_iteration: bool = doc(
+        False, "Keep init_from's iteration counter and data position (default: start the new phase at 0)."
+    )
 
 
 @dataclass
@@ -235,6 +259,31 @@ class MergeConfig:
 
 
 @dataclass
+class RecoveryConfig:
+    """Automatic loss-spike recovery: roll back to the PMA of the last good checkpoints.
+
+    Detection (all ranks decide together, one all-reduce of a flag per iteration): a non-finite
+    loss or gradient norm at once; or, for `patience` consecutive iterations, the loss above
+    `loss_factor` x its running median over `baseline_window` iterations, or the gradient norm
+    above `grad_norm_factor` x its running median.
+    """
+
+    enabled: bool = doc(False, "Detect loss spikes and recover automatically.")
+    loss_factor: float = doc(1.5, "Spike when the loss exceeds this multiple of its running median.")
+    grad_norm_factor: Optional[float] = doc(20.0, "Spike when the gradient norm exceeds this multiple of its running median; null = off.")
+    patience: int = doc(3, "Consecutive anomalous iterations that make a spike.")
+    baseline_window: int = doc(20, "Iterations in the running medians; detection starts once it is full.")
+    window: int = doc(3, "Good checkpoints to average (the paper used 3).")
+    method: Literal["sma", "ema", "wma", "wsm-linear", "wsm-minus-sqrt"] = doc("sma", "How to average them.")
+    ema_alpha: float = doc(0.2, "EMA factor (method ema).")
+    optimizer: Literal["reset", "keep"] = doc(
+        "reset", "reset = fresh Adam state; keep = the newest good checkpoint's optimizer state."
+    )
+    skip_data: bool = doc(True, "Skip the data seen since the restored checkpoint (do not replay it).")
+    max_retries: int = doc(3, "Recoveries allowed in one run; one more spike stops the run with an error.")
+
+
+@dataclass
 class RunConfig:
     """A whole pre-training run."""
 
@@ -248,6 +297,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
 
 
 # ---------------------------------------------------------------------------
@@ -426,7 +476,6 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
         ("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size),
         ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size),
         ("parallel.expert_model_parallel_size", p.expert_model_parallel_size),
-        ("train.train_iters", t.train_iters),
         ("train.micro_batch_size", t.micro_batch_size),
         ("train.global_batch_size", t.global_batch_size),
         ("train.seq_length", t.seq_length),
@@ -436,6 +485,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
     ]:
         _require(value >= 1, f"{key}: {value} must be a positive integer")
 
+    _require(t.train_iters >= 0, f"train.train_iters: {t.train_iters} must be >= 0 (0: load or merge, evaluate, save)")
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     _require(
         m.hidden_size % m.num_attention_heads == 0 or m.kv_channels is not None,
@@ -474,6 +524,10 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
     _require(not (c.format == "torch" and p.use_distributed_optimizer),
              "checkpoint.format: torch does not support parallel.use_distributed_optimizer (Megatron-LM keeps that "
              "state in separate distrib_optim.pt files); use checkpoint.format: torch_dist")
+    _require(not (c.format == "torch" and cfg.merge.enabled),
+             "checkpoint.format: torch cannot hold the in-training merge state (merge.enabled); use "
+             "checkpoint.format: torch_dist, or set merge.enabled: false and merge the torch checkpoints offline "
+             "with megatron-merge")
     for key, value in [("model.hidden_dropout", m.hidden_dropout), ("model.attention_dropout", m.attention_dropout)]:
         _require(0.0 <= value < 1.0, f"{key}: {value} must be in [0, 1)")
     _require(m.init_method_std > 0, f"model.init_method_std: {m.init_method_std} must be > 0")
@@ -483,6 +537,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
 
     _validate_moe(cfg)
     _validate_merge(cfg)
+    _validate_init_and_recovery(cfg)
 
     # Optimizer and schedule.
     _require(o.lr > 0 and math.isfinite(o.lr), f"optimizer.lr: {o.lr} must be a positive number")
@@ -491,7 +546,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
     _require(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optimizer.adam_beta1/adam_beta2 must be in [0, 1)")
     _require(o.adam_eps > 0, f"optimizer.adam_eps: {o.adam_eps} must be > 0")
     _require(o.clip_grad >= 0, f"optimizer.clip_grad: {o.clip_grad} must be >= 0 (0 disables clipping)")
-    decay = s.decay_iters if s.decay_iters is not None else t.train_iters
+    decay = s.decay_iters if s.decay_iters is not None else max(1, t.train_iters)
     _require(decay >= 1, f"scheduler.decay_iters: {decay} must be >= 1")
     _require(0 <= s.warmup_iters < decay, f"scheduler.warmup_iters: {s.warmup_iters} must be in [0, decay_iters={decay})")
     _require(0 <= s.init_lr <= o.lr, f"scheduler.init_lr: {s.init_lr} must be in [0, optimizer.lr={o.lr}]")
@@ -601,6 +656,35 @@ def _validate_merge(cfg: RunConfig) -> None:
     if m.storage == "device":
         _require(_cuda_available() and cfg.train.device != "cpu",
                  "merge.storage: device keeps snapshots in GPU memory and needs CUDA; use host on CPUs")
+
+
+def _validate_init_and_recovery(cfg: RunConfig) -> None:
+    c, r, s = cfg.checkpoint, cfg.recovery, cfg.scheduler
+    if c.init_from is not None:
+        _require(Path(c.init_from).exists(), f"checkpoint.init_from: {c.init_from} does not exist")
+        _require(c.load is None, "checkpoint.init_from starts a new phase and checkpoint.load resumes one: set only one")
+    if c.init_merge_method is not None:
+        _require(c.init_from is not None, "checkpoint.init_merge_method needs checkpoint.init_from (a run directory)")
+        _require(c.init_merge_last >= 2 or len(c.init_merge_iterations) >= 2,
+                 f"checkpoint.init_merge_last: {c.init_merge_last} must be >= 2 (merging needs 2 checkpoints)")
+        _require(c.init_merge_every >= 1, f"checkpoint.init_merge_every: {c.init_merge_every} must be >= 1")
+        _require(0.0 < c.init_merge_alpha <= 1.0, f"checkpoint.init_merge_alpha: {c.init_merge_alpha} must be in (0, 1]")
+    if s.inject_spike_at is not None:
+        _require(s.inject_spike_at >= 1 and s.inject_spike_iters >= 1 and s.inject_spike_factor > 0,
+                 "scheduler.inject_spike_at/iters must be >= 1 and inject_spike_factor > 0")
+    if not r.enabled:
+        return
+    _require(r.loss_factor > 1.0, f"recovery.loss_factor: {r.loss_factor} must be > 1")
+    if r.grad_norm_factor is not None:
+        _require(r.grad_norm_factor > 1.0, f"recovery.grad_norm_factor: {r.grad_norm_factor} must be > 1 or null")
+    _require(r.patience >= 1, f"recovery.patience: {r.patience} must be >= 1")
+    _require(r.baseline_window >= 3, f"recovery.baseline_window: {r.baseline_window} must be >= 3")
+    _require(r.window >= 1, f"recovery.window: {r.window} must be >= 1")
+    _require(0.0 < r.ema_alpha <= 1.0, f"recovery.ema_alpha: {r.ema_alpha} must be in (0, 1]")
+    _require(r.max_retries >= 1, f"recovery.max_retries: {r.max_retries} must be >= 1")
+    _require(c.save is not None and c.save_interval is not None,
+             "recovery rolls back to saved checkpoints: set checkpoint.save and checkpoint.save_interval")
+    _require(c.format == "torch_dist", "recovery merges torch_dist checkpoints per rank: checkpoint.format must be torch_dist")
 
 
 def _validate_moe(cfg: RunConfig) -> None:

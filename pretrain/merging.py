@@ -52,14 +52,44 @@ def replica_group_of(param):
     return group if group.size() > 1 else None
 
 
-def build_merger(cfg: RunConfig, model_chunks) -> Optional[PartitionMerger]:
-    """The merger of this rank's parameters, or None when merging is off."""
-    if not cfg.merge.enabled:
-        return None
+def partition_merger(spec: OnlineMergeSpec, model_chunks, run_dir: Optional[str]) -> PartitionMerger:
+    """A merger over this rank's parameters (its TP shard, PP stage and experts)."""
     modules = [ckpt.unwrap(chunk) for chunk in model_chunks]
     named = [(f"{i}.{name}", p) for i, m in enumerate(modules) for name, p in m.named_parameters()]
     sharded = map_sharded_params(ckpt.model_sharded_state_dict(model_chunks), [p for _, p in named])
-    merger = PartitionMerger(merge_spec(cfg), named, sharded, replica_group_of, run_dir=cfg.checkpoint.save)
+    return PartitionMerger(spec, named, sharded, replica_group_of, run_dir=run_dir)
+
+
+def install_merged_checkpoints(model_chunks, optimizer, directories, method: str, alpha: float = 0.2) -> list[float]:
+    """Put the merge of saved checkpoints (oldest first) into the model, each rank its own part.
+
+    The optimizer's main (fp32) parameters are reloaded from the new model weights. Returns
+    the weights used. One checkpoint is loaded as it is.
+    """
+    spec = OnlineMergeSpec(method=method, window=max(2, len(directories)), interval=1, ema_alpha=alpha,
+                           storage="disk")
+    merger = partition_merger(spec, model_chunks, run_dir=None)
+    weights = spec.weights_for(len(directories))
+    merged = merger.merge_checkpoints(directories, weights, ema_alpha=alpha if method == "ema" and len(directories) > 1
+                                      else None)
+    merger.install(merged)
+    optimizer.reload_model_params()
+    return weights
+
+
+def reset_optimizer_state(optimizer) -> None:
+    """Fresh Adam state (moments and step counts are recreated at the next step)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is not None:
+            inner.state.clear()
+
+
+def build_merger(cfg: RunConfig, model_chunks) -> Optional[PartitionMerger]:
+    """The in-training merger of this rank's parameters, or None when merging is off."""
+    if not cfg.merge.enabled:
+        return None
+    merger = partition_merger(merge_spec(cfg), model_chunks, run_dir=cfg.checkpoint.save)
     logger.info("in-training merging: %s over %d snapshots every %d iterations (storage %s)",
                 cfg.merge.method, cfg.merge.window, merger.spec.interval, cfg.merge.storage)
     return merger

@@ -37,6 +37,8 @@ from pretrain.batches import TrainingData, build_training_data
 from pretrain.config import RunConfig
 from pretrain.merging import build_merger, save_merged_checkpoint
 from pretrain.metrics import MetricsLogger
+from pretrain.pma_init import initialize_from
+from pretrain.recovery import LossSpikeRecovery
 from pretrain.model import build_model
 from pretrain.platform import Platform, init_distributed
 
@@ -59,6 +61,7 @@ class RunSummary:
     seconds: float = 0.0
     checkpoint: Optional[str] = None
     merged_checkpoint: Optional[str] = None
+    recoveries: List[dict] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------
@@ -116,7 +119,7 @@ def build_optimizer(cfg: RunConfig, model_chunks):
 def build_scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
     """Warmup, then constant / linear / cosine / WSD decay, counted in iterations."""
     s, o = cfg.scheduler, cfg.optimizer
-    decay_iters = s.decay_iters if s.decay_iters is not None else cfg.train.train_iters
+    decay_iters = s.decay_iters if s.decay_iters is not None else max(1, cfg.train.train_iters)
     style = {"wsd": "WSD"}.get(s.style, s.style)
     wsd_decay = s.wsd_decay_iters if s.wsd_decay_iters is not None else max(1, decay_iters // 10)
     return OptimizerParamScheduler(
@@ -264,6 +267,9 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
     merger = build_merger(cfg, model)  # None unless merge.enabled
 
     state = ckpt.TrainState()
+    init_record = None
+    if c.init_from is not None:  # a new phase from (merged) weights: PMA-init
+        state, init_record = initialize_from(cfg, model, optimizer, scheduler)
     if c.load is not None:
         state = ckpt.load_checkpoint(cfg, model, optimizer, scheduler, c.load,
                                      load_optimizer=not c.no_load_optim, load_rng=not c.no_load_rng,
@@ -282,6 +288,10 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
     if c.load is not None:
         metrics.log({"iteration": state.iteration, "event": "resume", "checkpoint": str(c.load),
                      "consumed_samples": state.consumed_samples})
+    if init_record is not None:
+        metrics.log(init_record)
+    recovery = LossSpikeRecovery(cfg) if cfg.recovery.enabled else None
+    spike = LrSpikeInjection(cfg)
     train_batches = data.train_batches(state.consumed_samples)
     valid_batches = data.valid_batches()
     summary = RunSummary()
@@ -326,7 +336,8 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
 
     while state.iteration < t.train_iters:
         step_start = time.perf_counter()
-        lr = scheduler.get_lr(optimizer.param_groups[0])
+        spike.apply(optimizer, state.iteration + 1)
+        lr = optimizer.param_groups[0]["lr"]
         loss, grad_norm, skipped = train_step(model, optimizer, scheduler, next(train_batches), cfg)
         moe_record = moe_metrics.step_metrics(cfg)  # every rank: it reduces across groups; {} when dense
         state.iteration += 1
@@ -337,8 +348,6 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
         elapsed = time.perf_counter() - step_start
 
         if logging_rank:
-            if t.exit_on_nonfinite_loss and not math.isfinite(loss):
-                raise NonFiniteLossError(f"iteration {state.iteration}: loss is {loss}")
             record = {
                 "iteration": state.iteration,
                 "loss": loss,
@@ -355,6 +364,17 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
             show = state.iteration % cfg.logging.log_interval == 0 or state.iteration == t.train_iters
             metrics.log(record, stdout=_format_step(record, t.train_iters) if show else None)
             summary.losses.append(loss)
+
+        if recovery is not None and recovery.spike_detected(state.iteration, loss, _finite_or_none(grad_norm)):
+            state, event = recovery.recover(model, optimizer, scheduler, merger, state)
+            metrics.log(event, stdout=f"iter {event['iteration']:6d} | loss spike ({event['reason']}): rolled back "
+                                      f"to iteration {event['restored_iteration']} with the {event['method']} of "
+                                      f"checkpoints {event['merged_iterations']}")
+            summary.recoveries.append(event)
+            train_batches = data.train_batches(state.consumed_samples)
+            continue
+        if logging_rank and t.exit_on_nonfinite_loss and not math.isfinite(loss):
+            raise NonFiniteLossError(f"iteration {state.iteration}: loss is {loss}")
 
         # Save before evaluating: with merge.storage disk the newest snapshot is this checkpoint.
         saved_now = bool(c.save and c.save_interval and state.iteration % c.save_interval == 0)
@@ -382,6 +402,26 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
         summary.first_loss, summary.last_loss = summary.losses[0], summary.losses[-1]
     metrics.close()
     return summary
+
+
+class LrSpikeInjection:
+    """Fault injection for testing recovery: multiply the LR for a few iterations, once per process."""
+
+    def __init__(self, cfg: RunConfig):
+        s = cfg.scheduler
+        self.start, self.length, self.factor = s.inject_spike_at, s.inject_spike_iters, s.inject_spike_factor
+        self.done: set[int] = set()
+
+    def apply(self, optimizer, iteration: int) -> None:
+        if self.start is None or not self.start <= iteration < self.start + self.length or iteration in self.done:
+            return
+        self.done.add(iteration)  # a run that rolls back past it trains through it normally
+        for group in optimizer.param_groups:
+            group["lr"] *= self.factor
+
+
+def _finite_or_none(value) -> Optional[float]:
+    return None if value is None else float(value)
 
 
 def _peak_rss_mib() -> float:

@@ -1,0 +1,65 @@
+"""PMA-init: start a new phase of training (continued training, annealing, SFT) from merged weights.
+
+``checkpoint.init_from`` names either a checkpoint to start from as it is (typically a merged
+one, from ``megatron-merge`` or ``<save>/merged/``), or, with ``checkpoint.init_merge_method``, a
+run directory whose newest checkpoints every rank merges on the fly, each its own partition.
+Unlike ``checkpoint.load`` (resume the same run), this starts a new phase: a fresh optimizer
+(or the newest input's state, ``init_optimizer: checkpoint``) and, unless
+``init_keep_iteration``, iteration 0 and the start of the data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from megatron_merge.selection import select_checkpoints
+from pretrain import checkpoint as ckpt
+from pretrain.config import RunConfig
+from pretrain.merging import MERGE_RECORD_FILE, install_merged_checkpoints, reset_optimizer_state
+
+logger = logging.getLogger(__name__)
+
+
+def initialize_from(cfg: RunConfig, model, optimizer, scheduler) -> tuple[ckpt.TrainState, dict]:
+    """Load or merge ``checkpoint.init_from`` into the model; returns the start state and a metrics record."""
+    c = cfg.checkpoint
+    keep_optimizer = c.init_optimizer == "checkpoint"
+    record = {"event": "init", "from": str(c.init_from), "optimizer": c.init_optimizer}
+    if c.init_merge_method is None:
+        directory, _ = ckpt.resolve_checkpoint(c.init_from)
+        state = ckpt.load_checkpoint(cfg, model, optimizer, scheduler, directory,
+                                     load_optimizer=keep_optimizer, load_rng=False)
+        optimizer.reload_model_params()
+        record.update(_described_by_merge_record(directory))
+    else:
+        refs = select_checkpoints([c.init_from], last=None if c.init_merge_iterations else c.init_merge_last,
+                                  every=None if c.init_merge_iterations else c.init_merge_every,
+                                  iterations=[int(i) for i in c.init_merge_iterations] or None)
+        directories = [ref.path for ref in refs]
+        state = ckpt.load_checkpoint(cfg, model, optimizer, scheduler, directories[-1],
+                                     load_optimizer=keep_optimizer, load_rng=False)
+        weights = install_merged_checkpoints(model, optimizer, directories, c.init_merge_method, c.init_merge_alpha)
+        record.update(method=c.init_merge_method, iterations=[ref.iteration for ref in refs], weights=weights,
+                      inputs=[str(d) for d in directories])
+    if not keep_optimizer:
+        reset_optimizer_state(optimizer)
+    if not c.init_keep_iteration:
+        state = ckpt.TrainState()
+    scheduler.num_steps = 0
+    scheduler.step(increment=state.iteration)
+    record.update(iteration=state.iteration, consumed_samples=state.consumed_samples)
+    logger.info("initialised from %s: %s", c.init_from,
+                {k: v for k, v in record.items() if k in ("method", "iterations", "weights", "optimizer")})
+    return state, record
+
+
+def _described_by_merge_record(directory: Path) -> dict:
+    """What a merged checkpoint's merge.json says about its inputs, if it has one."""
+    path = Path(directory) / MERGE_RECORD_FILE
+    if not path.is_file():
+        return {"method": None, "iterations": None, "weights": None}
+    merge = json.loads(path.read_text())
+    return {"method": merge.get("method"), "weights": merge.get("weights"),
+            "iterations": [i.get("iteration") for i in merge.get("inputs", [])]}
