@@ -185,6 +185,7 @@ def checkpoint_bytes(checkpoint: Path) -> int:
 
 def run_floor(inputs: list[Path], out: Path) -> dict:
     """Read every input .distcp file sequentially, write one input's worth, fsync."""
+    started = time.perf_counter()
     buffer = bytearray(READ_BLOCK)
     view = memoryview(buffer)
     read = 0
@@ -193,13 +194,15 @@ def run_floor(inputs: list[Path], out: Path) -> dict:
             with open(file, "rb", buffering=0) as f:
                 while n := f.readinto(view):
                     read += n
+    read_seconds = time.perf_counter() - started
     to_write = checkpoint_bytes(inputs[-1])
     with open(out, "wb", buffering=0) as f:
         left = to_write
         while left:
             left -= f.write(view[: min(left, READ_BLOCK)])
         os.fsync(f.fileno())
-    return {"bytes_read": read, "bytes_written": to_write}
+    return {"bytes_read": read, "bytes_written": to_write, "read_seconds": read_seconds,
+            "write_seconds": time.perf_counter() - started - read_seconds}
 
 
 def run_ours(inputs: list[Path], out: Path, workers: int) -> dict:

@@ -69,6 +69,9 @@ logger = logging.getLogger(__name__)
 
 MERGE_RECORD_FILE = "merge.json"
 OPTIMIZER_PREFIX = "optimizer."
+# megatron-core's names for the optimizer's fp32 master copy of each parameter: the mixed-precision
+# optimizer's `fp32_param`, the distributed optimizer's (fully reshardable) `param`.
+MASTER_WEIGHT_PREFIXES = ("optimizer.state.fp32_param.", "optimizer.state.param.")
 # The in-training merger's own state (snapshots, EMA accumulator) inside `pretrain` checkpoints:
 # training state like the optimizer's, never a model weight to average.
 MERGE_STATE_PREFIX = "merge_state."
@@ -174,6 +177,12 @@ class MergePlan:
 
 def classify_key(key: str, meta, model_only: bool) -> tuple[str, str]:
     """Decide MERGE / COPY / DROP for a key of the newest input, with the reason."""
+    if key.startswith(MASTER_WEIGHT_PREFIXES):
+        if model_only:
+            return DROP, "optimizer state (--model-only)"
+        # fp32 master weights: the optimizer copies them back into the model when training
+        # resumes, so they are merged like the weights or the merge would be undone.
+        return MERGE, f"fp32 master weights ({meta.properties.dtype})"
     if key.startswith(OPTIMIZER_PREFIX):
         if model_only:
             return DROP, "optimizer state (--model-only)"
@@ -405,8 +414,12 @@ def write_output_file(
     """Write one output ``.distcp`` file; return the storage entry of each item written."""
     newest = ctx.checkpoints[-1]
     results = []
+    items = file_plan.items
+    _prefetch_inputs(ctx, items[0] if items else None)
     with DistcpFileWriter(ctx.out_dir / file_plan.name) as writer:
-        for item in file_plan.items:
+        for position, item in enumerate(items):
+            # While this item is merged, the disk reads the next one's input chunks.
+            _prefetch_inputs(ctx, items[position + 1] if position + 1 < len(items) else None)
             if item.offsets is None:
                 stored = StoredItem(item.index, newest.metadata.storage_data[item.index])
                 info = writer.copy_item(newest, stored)
@@ -418,6 +431,17 @@ def write_output_file(
             if on_item is not None:
                 on_item(item.nbytes)
     return results
+
+
+def _prefetch_inputs(ctx: _MergeContext, item: ItemPlan | None) -> None:
+    """Start reading the stored chunks ``item`` will need (a page-cache hint; see
+    :meth:`TorchDistCheckpoint.prefetch`)."""
+    if item is None or item.offsets is None:
+        return  # bytes items are small
+    sources = ctx.checkpoints if item.action == MERGE else ctx.checkpoints[-1:]
+    for ckpt in sources:
+        for stored, _, _ in ckpt.chunks_overlapping(item.key, item.offsets, item.sizes):
+            ckpt.prefetch(stored.storage)
 
 
 def _merge_chunk(ctx: _MergeContext, item: ItemPlan) -> torch.Tensor:

@@ -140,6 +140,7 @@ def _layout() -> dict:
         "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
         "data_parallel_size": parallel_state.get_data_parallel_world_size(),
         "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
+        "expert_tensor_parallel_size": parallel_state.get_expert_tensor_parallel_world_size(),
     }
 
 
@@ -180,8 +181,13 @@ def _rng_sharded_object(data) -> ShardedObject:
 
 
 def unwrap(chunk):
-    """The GPTModel inside a DDP wrapper (state dict keys must not carry 'module.')."""
-    return getattr(chunk, "module", chunk)
+    """The GPTModel inside its DDP and Float16Module wrappers (state dict keys carry no 'module.')."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    while isinstance(chunk, (DistributedDataParallel, Float16Module)):
+        chunk = chunk.module
+    return chunk
 
 
 def model_sharded_state_dict(model_chunks) -> dict:
@@ -350,6 +356,10 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
     if has_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["opt_param_scheduler"])
+    else:
+        # The optimizer's main (fp32) parameters were copied from the initial weights when it was
+        # built; without loaded optimizer state they must follow the loaded weights.
+        optimizer.reload_model_params()
     if load_rng:
         _set_rng_state(loaded["rng_state"])
     if merger is not None and merge_meta is not None:

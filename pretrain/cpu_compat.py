@@ -299,11 +299,12 @@ def all_gather_uneven(input_: torch.Tensor, group, output_split_sizes) -> torch.
 
 
 def reduce_scatter_uneven(input_: torch.Tensor, group, input_split_sizes) -> torch.Tensor:
-    """Reduce-scatter along dim 0 where rank i receives the sum of rows chunk i (``input_split_sizes[i]`` rows).
+    """Reduce-scatter along dim 0: rank i receives the sum over ranks of chunk i (``input_split_sizes[i]`` rows).
 
-    gloo has no list-based ``reduce_scatter`` before torch 2.8 (and from 2.8 it is
-    one all-reduce per chunk). All-reducing the whole input and keeping this
-    rank's chunk computes the same sums with a collective every gloo has.
+    gloo's list-based ``reduce_scatter`` is recent (PyTorch 2025, itself one
+    all-reduce per chunk) and missing from older releases the project allows
+    (torch >= 2.6). All-reducing the whole input and keeping this rank's chunk
+    computes the same sums with a collective every gloo has.
     """
     sizes = [int(n) for n in input_split_sizes]
     rank = group.rank()

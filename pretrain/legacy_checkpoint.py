@@ -313,6 +313,8 @@ def load_legacy_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, p
     if has_optimizer:
         optimizer.load_state_dict(sd["optimizer"])
         scheduler.load_state_dict(sd["opt_param_scheduler"])
+    else:
+        optimizer.reload_model_params()  # main (fp32) params follow the loaded weights
 
     if load_rng and "rng_state" in sd and args.get("data_parallel_size") == current["data_parallel_size"]:
         _restore_rng(sd["rng_state"], where)

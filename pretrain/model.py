@@ -17,6 +17,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
 
@@ -147,7 +148,7 @@ def _layer_block_spec(config: TransformerConfig, cfg: RunConfig, te: bool, vp_st
         for layer_spec in spec.layer_specs:
             layer_spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     for layer_spec in spec.layer_specs:
-        moe = layer_spec.submodules.mlp.submodules
+        moe = getattr(layer_spec.submodules.mlp, "submodules", None)
         if (config.use_cpu_initialization and isinstance(moe, MoESubmodules)
                 and getattr(moe.experts, "module", None) is SequentialMLP):
             moe.experts.module = GlobalInitSequentialMLP
@@ -180,6 +181,10 @@ def build_model(cfg: RunConfig, platform: Platform, vocab_size: int) -> List[GPT
             vp_stage=stage,
         )
         model.to(platform.device)
+        if config.bf16 or config.fp16:
+            # Megatron's mixed precision: every parameter (norms included) in bf16/fp16, outputs
+            # back in fp32; the optimizer keeps the fp32 main copy.
+            model = Float16Module(config, model)
         chunks.append(model)
     if cfg.moe.num_experts is not None:
         moe_metrics.track_routers(chunks)

@@ -31,7 +31,6 @@ def initialize_from(cfg: RunConfig, model, optimizer, scheduler) -> tuple[ckpt.T
         directory, _ = ckpt.resolve_checkpoint(c.init_from)
         state = ckpt.load_checkpoint(cfg, model, optimizer, scheduler, directory,
                                      load_optimizer=keep_optimizer, load_rng=False)
-        optimizer.reload_model_params()
         record.update(_described_by_merge_record(directory))
     else:
         refs = select_checkpoints([c.init_from], last=None if c.init_merge_iterations else c.init_merge_last,

@@ -96,6 +96,13 @@ def wrap_with_ddp(cfg: RunConfig, model_chunks) -> list:
 
 def build_optimizer(cfg: RunConfig, model_chunks):
     o = cfg.optimizer
+    optimizer = _megatron_optimizer(cfg, o, model_chunks)
+    # fp16: the schedules scale each loss (MoE aux losses included) by the optimizer's loss scale.
+    model_chunks[0].config.grad_scale_func = optimizer.scale_loss if cfg.train.precision == "fp16" else None
+    return optimizer
+
+
+def _megatron_optimizer(cfg: RunConfig, o, model_chunks):
     return get_megatron_optimizer(
         OptimizerConfig(
             optimizer=o.name,

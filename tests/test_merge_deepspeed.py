@@ -167,7 +167,6 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from megatron_merge import cli  # noqa: E402
 from megatron_merge.errors import MergeError  # noqa: E402
 from megatron_merge.offline import merge_checkpoints  # noqa: E402
-from megatron_merge.weights import merge_weights  # noqa: E402
 
 BUFFER = "temperature"
 
@@ -184,14 +183,23 @@ def consolidated(tag: Path) -> dict[str, torch.Tensor]:
         return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
 
 
-def reference_merge(tags: list[Path], weights: list[float]) -> dict[str, torch.Tensor]:
-    """sum_i w_i * x_i over DeepSpeed's consolidated fp32 weights, oldest first."""
+def reference_merge(tags: list[Path], weights: list[float] | None = None,
+                    ema_alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """Over DeepSpeed's consolidated fp32 weights, oldest first: sum_i w_i * x_i, or with
+    ``ema_alpha`` the paper's recursion M = a * x_i + (1 - a) * M from M = x_1."""
     states = [consolidated(t) for t in tags]
     merged = {}
     for key in states[-1]:
-        acc = torch.zeros(states[-1][key].shape, dtype=torch.float32)
-        for state, weight in zip(states, weights):
-            acc = acc + state[key].to(torch.float32) * weight
+        xs = [state[key].to(torch.float32) for state in states]
+        if ema_alpha is not None:
+            a, keep = torch.tensor(ema_alpha), torch.tensor(1 - ema_alpha)
+            acc = xs[0]
+            for x in xs[1:]:
+                acc = x * a + acc * keep
+        else:
+            acc = torch.zeros(xs[-1].shape, dtype=torch.float32)
+            for x, weight in zip(xs, weights):
+                acc = acc + x * weight
         merged[key] = acc
     return merged
 
@@ -255,7 +263,7 @@ def merged_runs(ds_runs, tmp_path_factory):
 def test_merged_weights_are_bit_exact_and_deepspeed_loads_them(ds_runs, merged_runs, stage):
     tags = [tag_dir(ds_runs / f"z{stage}", s) for s in SAVE_STEPS]
     out = merged_runs / f"z{stage}" / "merged"
-    expected = reference_merge(tags, merge_weights("ema", 3, alpha=0.3))
+    expected = reference_merge(tags, ema_alpha=0.3)
     params = {"0.weight", "1.weight", "1.bias", "2.weight", "2.bias", "4.weight", "4.bias"}
     assert set(expected) == params | {BUFFER}  # the float buffer merges too
 
@@ -330,6 +338,38 @@ def test_model_only_drops_zero_optimizer_files_and_deepspeed_loads_the_module(ds
     for key, value in reference_merge(tags, [0.5, 0.5]).items():
         assert torch.equal(loaded["loaded"][key], value), key
     assert all(torch.isfinite(torch.tensor(loaded["losses"])))
+
+
+def _pipeline_moe_tag(path: Path, step: int) -> Path:
+    """A tag directory shaped like PipelineEngine + MoE saves (no DeepSpeed run needed): the
+    model-states file holds no module, the layers and experts have their own files."""
+    gen = torch.Generator().manual_seed(step)
+    path.mkdir(parents=True)
+    torch.save({"module": None, "buffer_names": [], "optimizer": None, "global_steps": step,
+                "dp_world_size": 1, "mp_world_size": 1, "param_shapes": None},
+               path / "mp_rank_00_model_states.pt")
+    for layer in (0, 1):
+        torch.save({"weight": torch.randn(4, 3, generator=gen).bfloat16(), "bias": torch.randn(4, generator=gen),
+                    "steps": torch.tensor([step])}, path / f"layer_{layer:02d}-model_00-model_states.pt")
+    torch.save({"deepspeed_moe.experts.deepspeed_experts.0.w": torch.randn(5, generator=gen)},
+               path / "layer_1_expert_0_mp_rank_00_model_states.pt")
+    return path
+
+
+def test_pipeline_layer_and_expert_files_merge(tmp_path):
+    tags = [_pipeline_moe_tag(tmp_path / "run" / f"global_step{s}", s) for s in (10, 20)]
+    out = tmp_path / "merged"
+    merge_checkpoints(tags, out, "wma", verify=True)
+    weights = [1 / 3, 2 / 3]
+    for name, key in [("layer_00-model_00-model_states.pt", "weight"), ("layer_01-model_00-model_states.pt", "bias"),
+                      ("layer_1_expert_0_mp_rank_00_model_states.pt", "deepspeed_moe.experts.deepspeed_experts.0.w")]:
+        values = [load_raw(t / name)[key] for t in tags]
+        acc = torch.zeros(values[0].shape)
+        for value, weight in zip(values, weights):
+            acc = acc + value.float() * weight
+        assert torch.equal(load_raw(out / name)[key], acc.to(values[0].dtype)), name
+    assert torch.equal(load_raw(out / "layer_00-model_00-model_states.pt")["steps"], torch.tensor([20]))
+    assert load_raw(out / "mp_rank_00_model_states.pt")["global_steps"] == 20
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(ds_runs, tmp_path, capsys):

@@ -131,14 +131,22 @@ def load_raw(path: Path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def reference(paths: list[Path], slot: tuple, weights: list[float]) -> torch.Tensor:
-    """sum_i w_i * x_i, oldest first, in fp32, rounded back once."""
+def reference(paths: list[Path], slot: tuple, weights: list[float] | None = None,
+              ema_alpha: float | None = None) -> torch.Tensor:
+    """sum_i w_i * x_i, oldest first, in fp32, rounded back once. With ``ema_alpha``: the paper's
+    recursion M = a * x_i + (1 - a) * M, starting from M = x_1."""
     tensors = []
     for path in paths:
         value = load_raw(path)
         for key in slot:
             value = value[key]
         tensors.append(value)
+    if ema_alpha is not None:
+        a, keep = torch.tensor(ema_alpha), torch.tensor(1 - ema_alpha)
+        acc = tensors[0].to(torch.float32)
+        for tensor in tensors[1:]:
+            acc = tensor.to(torch.float32) * a + acc * keep
+        return acc.to(tensors[0].dtype)
     acc = torch.zeros(tensors[0].shape, dtype=torch.float32)
     for tensor, weight in zip(tensors, weights):
         acc = acc + tensor.to(torch.float32) * weight
@@ -332,10 +340,68 @@ def test_verify_catches_a_wrong_merge(lm_ckpts, tmp_path, monkeypatch):
 
 
 # ================================================================================================
+# Memory: bounded by one rank file, not by the checkpoint
+# ================================================================================================
+
+_TENSOR_ELEMS = 1 << 21  # 8 MiB of fp32 per rank file
+_N_RANKS = 16
+
+# VmHWM is this process's own peak RSS (ru_maxrss would include the forking parent's).
+_PEAK_RSS_SCRIPT = """
+import re, sys
+from megatron_merge.cli import main
+code = main(sys.argv[1:])
+status = open("/proc/self/status").read()
+print("PEAK_RSS_KB", re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1))
+sys.exit(code)
+"""
+
+
+def _write_tp_checkpoint(path: Path, seed: int, tp: int, elems: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for rank in range(tp):
+        (path / f"mp_rank_{rank:02d}").mkdir(parents=True)
+        torch.save({"args": {"tensor_model_parallel_size": tp}, "iteration": seed,
+                    "model": {"decoder.weight": torch.randn(elems // 1024, 1024, generator=gen)}},
+                   path / f"mp_rank_{rank:02d}" / MODEL_FILE)
+
+
+def _peak_rss_of_merge(inputs, out) -> int:
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_SCRIPT, "--no-progress", "--out", str(out), *map(str, inputs)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.split("PEAK_RSS_KB")[1].split()[0]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+def test_peak_memory_is_bounded_by_one_rank_file(tmp_path):
+    small = [tmp_path / f"small/iter_000000{i}" for i in (1, 2)]
+    big = [tmp_path / f"big/iter_000000{i}" for i in (1, 2)]
+    for i, path in enumerate(small):
+        _write_tp_checkpoint(path, i + 1, tp=2, elems=1024)
+    for i, path in enumerate(big):
+        _write_tp_checkpoint(path, i + 1, tp=_N_RANKS, elems=_TENSOR_ELEMS)
+    file_bytes = _TENSOR_ELEMS * 4
+    baseline = _peak_rss_of_merge(small, tmp_path / "small_out")
+    peak = _peak_rss_of_merge(big, tmp_path / "big_out")
+    growth = peak - baseline
+    # Per file: the merged tensor, accumulator and converted term, and the two memory-mapped
+    # inputs' pages -- about 5 files' worth, plus what glibc keeps of freed 8 MiB blocks. One
+    # input checkpoint alone is 16 files; holding the model would be far over.
+    assert growth < 10 * file_bytes, f"RSS grew {growth / 2**20:.0f} MiB merging 2 x {_N_RANKS} files of 8 MiB"
+    rank = f"mp_rank_{_N_RANKS - 1:02d}/{MODEL_FILE}"
+    expected = reference([p / rank for p in big], ("model", "decoder.weight"), [0.5, 0.5])
+    assert torch.equal(load_raw(tmp_path / "big_out" / rank)["model"]["decoder.weight"], expected)
+
+
+# ================================================================================================
 # Real checkpoints from `pretrain` (checkpoint.format=torch): save, resume, merge, load back
 # ================================================================================================
 
 LAYOUTS = {"tp2": ["parallel.tensor_model_parallel_size=2"], "pp2": ["parallel.pipeline_model_parallel_size=2"]}
+TORCH_FORMAT = ["checkpoint.format=torch", "merge.enabled=false"]  # in-training merging needs torch_dist
 SAVES = (4, 8, 12)
 
 
@@ -345,13 +411,8 @@ def pretrain_runs(tmp_path_factory):
     runs = {}
     for name, layout in LAYOUTS.items():
         runs[name] = run_pretrain(root / name, 2, ["train.train_iters=12", "checkpoint.save_interval=4",
-                                                   "checkpoint.format=torch", *layout])
+                                                   *TORCH_FORMAT, *layout])
     return root, runs
-
-
-def merge_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "megatron_merge", "--no-progress", *map(str, args)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -366,7 +427,7 @@ def test_pretrain_saves_the_legacy_layout_and_resumes_exactly(pretrain_runs, tmp
             assert sd["iteration"] == it and sd["consumed_samples"] == 8 * it
             assert isinstance(sd["args"], dict) and sd["args"]["ckpt_format"] == "torch"
             assert {"model", "optimizer", "opt_param_scheduler", "rng_state"} <= set(sd)
-    resumed = run_pretrain(tmp_path / "resumed", 2, ["train.train_iters=12", "checkpoint.format=torch",
+    resumed = run_pretrain(tmp_path / "resumed", 2, ["train.train_iters=12", *TORCH_FORMAT,
                                                      f"checkpoint.load={it_dir(root / 'tp2', 8)}", *LAYOUTS["tp2"]])
     assert resumed.losses == runs["tp2"].losses[8:]  # weights, optimizer, RNG and data position restored
 
@@ -376,10 +437,9 @@ def test_pretrain_saves_the_legacy_layout_and_resumes_exactly(pretrain_runs, tmp
 def test_merged_pretrain_checkpoint_is_bit_exact_and_loads_back(pretrain_runs, tmp_path, layout):
     root, _ = pretrain_runs
     out = tmp_path / "merged"  # not named iter_*: pretrain detects the legacy layout by its contents
-    proc = merge_cli("--method", "ema", "--alpha", "0.3", "--last", "3", "--verify", "--out", out, root / layout)
-    assert proc.returncode == 0, proc.stderr
+    code, err = run_cli(["--method", "ema", "--alpha", "0.3", "--last", "3", "--verify", "--out", out, root / layout])
+    assert code == 0, err
     inputs = [it_dir(root / layout, it) for it in SAVES]
-    weights = merge_weights("ema", 3, alpha=0.3)
     rank_dirs = sorted(p.name for p in inputs[-1].iterdir() if p.is_dir())
     for rank_dir in rank_dirs:
         files = [d / rank_dir / MODEL_FILE for d in inputs]
@@ -388,14 +448,14 @@ def test_merged_pretrain_checkpoint_is_bit_exact_and_loads_back(pretrain_runs, t
                       if isinstance(v, torch.Tensor) and v.dtype.is_floating_point]
         assert any("linear_qkv.weight" in k for k in float_keys)
         for key in float_keys:
-            assert torch.equal(merged["model"][key], reference(files, ("model", key), weights)), key
+            assert torch.equal(merged["model"][key], reference(files, ("model", key), ema_alpha=0.3)), key
         assert merged["optimizer"]["state"][0]["exp_avg"].equal(newest["optimizer"]["state"][0]["exp_avg"])
     assert (out / "run_config.yaml").read_bytes() == (inputs[-1] / "run_config.yaml").read_bytes()
 
     if layout == "tp2":
         # Loaded by pretrain and saved again untouched (train_iters = the checkpoint's iteration):
         # the model tensors pretrain holds are exactly the merged ones.
-        again = run_pretrain(tmp_path / "again", 2, ["train.train_iters=12", "checkpoint.format=torch",
+        again = run_pretrain(tmp_path / "again", 2, ["train.train_iters=12", *TORCH_FORMAT,
                                                      f"checkpoint.load={out}", *LAYOUTS[layout]])
         assert "legacy torch format" in again.output
         for rank_dir in rank_dirs:
@@ -406,12 +466,12 @@ def test_merged_pretrain_checkpoint_is_bit_exact_and_loads_back(pretrain_runs, t
                     assert torch.equal(saved[key], value), key
     else:
         # Training continues from the merged weights.
-        cont = run_pretrain(tmp_path / "cont", 2, ["train.train_iters=16", "checkpoint.format=torch",
+        cont = run_pretrain(tmp_path / "cont", 2, ["train.train_iters=16", *TORCH_FORMAT,
                                                    f"checkpoint.load={out}", *LAYOUTS[layout]])
         assert len(cont.losses) == 4 and all(torch.isfinite(torch.tensor(cont.losses)))
         assert cont.metrics[0]["event"] == "resume"
         # ... and at another layout the legacy format refuses, naming what it needs.
-        wrong = run_pretrain(tmp_path / "wrong", 2, ["train.train_iters=16", f"checkpoint.load={out}",
+        wrong = run_pretrain(tmp_path / "wrong", 2, ["train.train_iters=16", "merge.enabled=false", f"checkpoint.load={out}",
                                                      *LAYOUTS["tp2"]], check=False)
         assert wrong.returncode != 0 and "do not reshard" in wrong.output
 
@@ -421,4 +481,8 @@ def test_config_refuses_distributed_optimizer_with_the_torch_format():
 
     cfg = config_from_dict({}, ["checkpoint.format=torch", "parallel.use_distributed_optimizer=true"])
     with pytest.raises(ConfigError, match="checkpoint.format: torch does not support"):
+        validate(cfg, cuda_available=False)
+    cfg = config_from_dict({}, ["checkpoint.format=torch", "merge.enabled=true", "merge.interval=2",
+                                "checkpoint.save=/tmp/x"])
+    with pytest.raises(ConfigError, match="cannot hold the in-training merge state"):
         validate(cfg, cuda_available=False)

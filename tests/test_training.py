@@ -121,3 +121,41 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path):
     assert [r["iteration"] for r in resumed.metrics if "loss" in r][-6:] == list(range(7, 13))
     assert (run_dir / TRACKER_FILE).read_text().strip() == "12"
     assert not (run_dir / "iter_0000012.incomplete").exists()
+
+
+def test_bf16_with_distributed_optimizer_resumes_exactly_and_merges_master_weights(tmp_path):
+    """bf16 keeps fp32 master weights in the optimizer: resume is exact, and an offline merge
+    merges the masters too, so training from the merged checkpoint starts from merged weights."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from helpers import REPO
+    from merge_reference import load_full, reference_merge
+
+    common = ["train.precision=bf16", "parallel.use_distributed_optimizer=true", "train.train_iters=12",
+              "checkpoint.save_interval=4"]
+    whole = run_pretrain(tmp_path / "whole", 2, common)
+    run_pretrain(tmp_path / "split", 2, [*common, "checkpoint.exit_after_save=true"])
+    resumed = run_pretrain(tmp_path / "split", 2, [*common, f"checkpoint.load={tmp_path / 'split'}"])
+    assert resumed.losses == whole.losses and falls(whole.losses)
+
+    out = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-m", "megatron_merge", "--no-progress", "--last", "3", "--out", str(out),
+                           str(tmp_path / "whole")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    inputs = [tmp_path / "whole" / f"iter_{i:07d}" for i in (4, 8, 12)]
+    key = "decoder.layers.mlp.linear_fc2.weight"
+    master = f"optimizer.state.param.{key}"
+    assert load_full(out, key).dtype == torch.bfloat16 and load_full(out, master).dtype == torch.float32
+    assert torch.equal(load_full(out, master), reference_merge(inputs, master, [1 / 3] * 3))
+    # Loaded with its optimizer state, the merged checkpoint trains on from the merged weights
+    # (not from the newest input's master weights): iteration 13 differs from the raw run's.
+    merged_cont = run_pretrain(tmp_path / "cont", 2, [*common, "train.train_iters=13", f"checkpoint.load={out}"])
+    raw_cont = run_pretrain(tmp_path / "raw", 2, [*common, "train.train_iters=13",
+                                                  f"checkpoint.load={tmp_path / 'whole'}"])
+    assert merged_cont.losses[0] != pytest.approx(raw_cont.losses[0], rel=1e-4)
+    saved = load_full(tmp_path / "cont" / "iter_0000013", master)
+    assert (saved - load_full(out, master)).abs().max() < 0.1  # one small step from the merge
+    assert (saved - load_full(inputs[-1], master)).abs().max() > (saved - load_full(out, master)).abs().max()

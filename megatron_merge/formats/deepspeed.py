@@ -21,7 +21,11 @@ Merged, file by file (nothing is gathered or converted; ``zero_to_fp32`` is not 
   master weights and module weights hold the same merged values. Padding merges to itself.
 
 Everything else -- Adam moments, step counts, loss scaler, partition metadata, ``ds_config``,
-client state -- comes from the newest input. ``--model-only`` drops the ZeRO-1/2 optimizer
+client state -- comes from the newest input. The output is a tag directory: DeepSpeed loads it
+with ``engine.load_checkpoint(out.parent, tag=out.name)`` at the DP/MP layout it was saved at
+(merging does not reshard). With bf16/fp16 module weights, the merged module weights and the
+merged fp32 master weights are each the merge of the inputs' own copies, so they agree to
+within one rounding; the first optimizer step re-derives the module weights from the master. ``--model-only`` drops the ZeRO-1/2 optimizer
 files (load with ``load_optimizer_states=False`` or ``load_module_only=True``); ZeRO-3 keeps its
 weights only in those files, so ``--model-only`` is refused there.
 

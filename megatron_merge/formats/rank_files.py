@@ -5,8 +5,9 @@ Legacy Megatron ``torch`` checkpoints (``mp_rank_*/model_optim_rng.pt``) and Dee
 Nothing is resharded: every file of the newest input is written again under the same name, with
 
 ``merge``  the format's weight tensors (model weights, fp32 master weights) replaced by
-           ``sum_i w_i * x_i`` over the same file of every input, through the shared merge loop
-           (:func:`megatron_merge.accumulate.merge_piece`; a tensor is one piece);
+           ``sum_i w_i * x_i`` (EMA: the paper's recursion) over the same file of every input,
+           through the shared merge loop (:func:`megatron_merge.accumulate.merge_piece`); a
+           tensor is one piece, or -- in a padded flat buffer -- each range of weights is;
 ``copy``   everything else taken from the newest input's file (optimizer moments, scheduler,
            RNG, args, non-float and empty tensors, unknown objects);
 ``drop``   optimizer entries or whole optimizer files with ``--model-only``.
@@ -366,6 +367,11 @@ class RankFileMergePlan:
         return sum(f.nbytes for f in self.files)
 
     @property
+    def ema_alpha(self) -> float | None:
+        """Set for EMA merges, which combine by the recursion (see :mod:`accumulate`)."""
+        return self.alpha if self.method == "ema" else None
+
+    @property
     def merged_keys(self) -> dict[str, dict[str, str]]:
         return {f.name: {s.text: str(s.dtype) for s in f.merged} for f in self.files if f.merged}
 
@@ -552,6 +558,7 @@ class _Context:
     acc_dtype: torch.dtype
     allow_nonfinite: bool
     out_dir: Path
+    ema_alpha: float | None = None  # EMA merges use the recursion (see accumulate)
 
 
 def write_rank_file(ctx: _Context, plan: RankFilePlan) -> None:
@@ -574,13 +581,14 @@ def write_rank_file(ctx: _Context, plan: RankFilePlan) -> None:
                 )
             region = tuple(slice(None) for _ in slot.shape)
             origin = f"{ctx.checkpoints[i].path / plan.name} (key {slot.text!r})"
-            yield PiecePart(region, values, origin)
+            yield PiecePart(region, values.detach(), origin)
 
         original = get_at(out, slot.path)
         if slot.ranges is None:
             merged = merge_piece(
                 slot.shape, slot.dtype, ctx.weights, parts_of_input, ctx.acc_dtype,
                 ctx.allow_nonfinite, describe_piece=f"key {slot.text!r} of {plan.name}",
+                ema_alpha=ctx.ema_alpha,
             )
         else:
             merged = _merge_ranges(ctx, plan.name, trees, slot)
@@ -610,7 +618,7 @@ def _merge_ranges(ctx: _Context, name: str, trees: list, slot: Slot) -> torch.Te
     for start, stop in slot.ranges:
 
         def parts_of_input(i: int, start: int = start, stop: int = stop) -> Iterator[PiecePart]:
-            values = get_at(trees[i], slot.path).reshape(-1)[start:stop]
+            values = get_at(trees[i], slot.path).detach().reshape(-1)[start:stop]
             origin = (f"{ctx.checkpoints[i].path / name} (key {slot.text!r}, "
                       f"elements [{start}, {stop}))")
             yield PiecePart((slice(None),), values, origin)
@@ -618,6 +626,7 @@ def _merge_ranges(ctx: _Context, name: str, trees: list, slot: Slot) -> torch.Te
         flat[start:stop] = merge_piece(
             (stop - start,), slot.dtype, ctx.weights, parts_of_input, ctx.acc_dtype,
             ctx.allow_nonfinite, describe_piece=f"key {slot.text!r} of {name} [{start}, {stop})",
+            ema_alpha=ctx.ema_alpha,
         )
     return out
 
@@ -625,14 +634,14 @@ def _merge_ranges(ctx: _Context, name: str, trees: list, slot: Slot) -> torch.Te
 _WORKER_CONTEXT: _Context | None = None
 
 
-def _init_worker(fmt, paths, weights, acc_dtype_name, allow_nonfinite, out_dir, threads) -> None:
+def _init_worker(fmt, paths, weights, acc_dtype_name, allow_nonfinite, out_dir, threads, ema_alpha) -> None:
     global _WORKER_CONTEXT
     from megatron_merge.formats import open_checkpoint
 
     torch.set_num_threads(threads)
     _WORKER_CONTEXT = _Context(
         [open_checkpoint(p, fmt) for p in paths], weights, resolve_accumulate_dtype(acc_dtype_name),
-        allow_nonfinite, Path(out_dir),
+        allow_nonfinite, Path(out_dir), ema_alpha,
     )
 
 
@@ -651,11 +660,14 @@ def execute_rank_file_plan(plan: RankFileMergePlan, out_dir: str | Path, *, work
     )
     with bar:
         if workers <= 1 or len(plan.files) <= 1:
-            ctx = _Context(plan.checkpoints, plan.weights,
-                           resolve_accumulate_dtype(plan.accumulate_dtype), allow_nonfinite, out_dir)
-            for file_plan in plan.files:
-                write_rank_file(ctx, file_plan)
-                bar.update(file_plan.nbytes)
+            from megatron_merge.offline import MERGE_THREADS, _torch_threads
+
+            ctx = _Context(plan.checkpoints, plan.weights, resolve_accumulate_dtype(plan.accumulate_dtype),
+                           allow_nonfinite, out_dir, plan.ema_alpha)
+            with _torch_threads(MERGE_THREADS):
+                for file_plan in plan.files:
+                    write_rank_file(ctx, file_plan)
+                    bar.update(file_plan.nbytes)
         else:
             _run_workers(plan, out_dir, workers, allow_nonfinite, bar)
     newest = plan.newest
@@ -668,14 +680,16 @@ def execute_rank_file_plan(plan: RankFileMergePlan, out_dir: str | Path, *, work
 
 
 def _run_workers(plan: RankFileMergePlan, out_dir: Path, workers: int, allow_nonfinite: bool, bar) -> None:
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    from megatron_merge.offline import MERGE_THREADS
+
+    threads = MERGE_THREADS
     files = sorted(plan.files, key=lambda f: f.nbytes, reverse=True)  # largest first
     with concurrent.futures.ProcessPoolExecutor(
         max_workers=min(workers, len(files)),
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
         initargs=(plan.format, [str(c.path) for c in plan.checkpoints], plan.weights,
-                  plan.accumulate_dtype, allow_nonfinite, str(out_dir), threads),
+                  plan.accumulate_dtype, allow_nonfinite, str(out_dir), threads, plan.ema_alpha),
     ) as pool:
         futures = {pool.submit(_write_in_worker, f): f for f in files}
         try:
@@ -766,11 +780,17 @@ def verify_rank_file_merge(plan: RankFileMergePlan, out_dir: str | Path, samples
             continue
         expected = [torch.zeros(s.shape, dtype=acc_dtype) for s in mine]
         padding = []  # what unmerged elements of padded flat buffers must hold: the newest's
-        for ckpt, weight in zip(plan.checkpoints, plan.weights):
+        for i, (ckpt, weight) in enumerate(zip(plan.checkpoints, plan.weights)):
             tree = ckpt.load(file_plan.name, mmap=False)
-            weight_t = torch.tensor(weight, dtype=acc_dtype)
             for acc, slot in zip(expected, mine):
-                acc.add_(get_at(tree, slot.path).to(acc_dtype) * weight_t)
+                x = get_at(tree, slot.path).detach().to(acc_dtype)
+                if plan.ema_alpha is None:  # sum_i w_i x_i
+                    acc.add_(x * torch.tensor(weight, dtype=acc_dtype))
+                elif i == 0:  # the EMA recursion
+                    acc.copy_(x)
+                else:
+                    a = torch.tensor(plan.ema_alpha, dtype=acc_dtype)
+                    acc.copy_(x * a + acc * torch.tensor(1.0 - plan.ema_alpha, dtype=acc_dtype))
             if ckpt is newest:
                 padding = [get_at(tree, s.path) for s in mine]
             del tree
