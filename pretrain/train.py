@@ -95,15 +95,9 @@ def wrap_with_ddp(cfg: RunConfig, model_chunks) -> list:
 
 
 def build_optimizer(cfg: RunConfig, model_chunks):
-    o = cfg.optimizer
-    optimizer = _megatron_optimizer(cfg, o, model_chunks)
-    # fp16: the schedules scale each loss (MoE aux losses included) by the optimizer's loss scale.
-    model_chunks[0].config.grad_scale_func = optimizer.scale_loss if cfg.train.precision == "fp16" else None
-    return optimizer
-
-
-def _megatron_optimizer(cfg: RunConfig, o, model_chunks):
-    return get_megatron_optimizer(
+    """megatron-core's optimizer (Adam, clipping, mixed precision, optionally distributed)."""
+    o, precision = cfg.optimizer, cfg.train.precision
+    optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer=o.name,
             lr=o.lr,
@@ -113,14 +107,17 @@ def _megatron_optimizer(cfg: RunConfig, o, model_chunks):
             adam_beta2=o.adam_beta2,
             adam_eps=o.adam_eps,
             clip_grad=o.clip_grad,
-            bf16=cfg.train.precision == "bf16",
-            fp16=cfg.train.precision == "fp16",
-            params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision],
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
+            params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-            initial_loss_scale=2.0**16 if cfg.train.precision == "fp16" else None,
+            initial_loss_scale=2.0**16 if precision == "fp16" else None,
         ),
         model_chunks,
     )
+    # fp16: the schedules scale each loss (MoE aux losses included) by the optimizer's loss scale.
+    model_chunks[0].config.grad_scale_func = optimizer.scale_loss if precision == "fp16" else None
+    return optimizer
 
 
 def build_scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
