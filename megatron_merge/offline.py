@@ -32,6 +32,7 @@ import datetime
 import json
 import logging
 import multiprocessing
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from tqdm import tqdm
 
 from megatron_merge.accumulate import (
+    PieceBuffers,
     PiecePart,
     merge_piece,
     numel,
@@ -72,6 +74,9 @@ OPTIMIZER_PREFIX = "optimizer."
 # megatron-core's names for the optimizer's fp32 master copy of each parameter: the mixed-precision
 # optimizer's `fp32_param`, the distributed optimizer's (fully reshardable) `param`.
 MASTER_WEIGHT_PREFIXES = ("optimizer.state.fp32_param.", "optimizer.state.param.")
+# megatron-core prefixes optimizer keys with `chained_N.` when it splits the optimizer (MoE) unless
+# told not to; checkpoints written that way (e.g. by Megatron-LM) must not be averaged as weights.
+_CHAINED_OPTIMIZER_KEY = re.compile(r"^chained_\d+\.optimizer\.")
 # The in-training merger's own state (snapshots, EMA accumulator) inside `pretrain` checkpoints:
 # training state like the optimizer's, never a model weight to average.
 MERGE_STATE_PREFIX = "merge_state."
@@ -183,7 +188,7 @@ def classify_key(key: str, meta, model_only: bool) -> tuple[str, str]:
         # fp32 master weights: the optimizer copies them back into the model when training
         # resumes, so they are merged like the weights or the merge would be undone.
         return MERGE, f"fp32 master weights ({meta.properties.dtype})"
-    if key.startswith(OPTIMIZER_PREFIX):
+    if key.startswith(OPTIMIZER_PREFIX) or _CHAINED_OPTIMIZER_KEY.match(key):
         if model_only:
             return DROP, "optimizer state (--model-only)"
         return COPY, "optimizer state"
@@ -390,6 +395,7 @@ class _MergeContext:
     allow_nonfinite: bool
     out_dir: Path
     ema_alpha: float | None = None  # EMA merges use the recursion (see accumulate)
+    buffers: PieceBuffers = field(default_factory=PieceBuffers)  # reused across chunks
 
 
 _WORKER_CONTEXT: _MergeContext | None = None
@@ -463,6 +469,7 @@ def _merge_chunk(ctx: _MergeContext, item: ItemPlan) -> torch.Tensor:
     return merge_piece(
         item.sizes, dtype, ctx.weights, parts_of_input, ctx.acc_dtype, ctx.allow_nonfinite,
         describe_piece=f"key {item.key!r} chunk at offsets {item.offsets}", ema_alpha=ctx.ema_alpha,
+        buffers=ctx.buffers,  # the chunk is written before the next one is merged
     )
 
 

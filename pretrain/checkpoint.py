@@ -200,7 +200,11 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, c
     sd = model_sharded_state_dict(model_chunks)
     if include_optimizer:
         sd["optimizer"] = optimizer.sharded_state_dict(
-            sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": cfg.checkpoint.optimizer_sharding}
+            sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": cfg.checkpoint.optimizer_sharding,
+                                              # one key per parameter whether or not megatron-core splits
+                                              # the optimizer (it chains dense and expert ones at EP > 1),
+                                              # so optimizer state reshards across EP sizes too
+                                              "chained_optim_avoid_prefix": True}
         )
         sd["opt_param_scheduler"] = scheduler.state_dict()
     if include_rng:
@@ -330,6 +334,14 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
             f"{directory}: optimizer state was saved with use_distributed_optimizer={saved_dist_opt}, this run has "
             f"parallel.use_distributed_optimizer={cfg.parallel.use_distributed_optimizer}; "
             "set checkpoint.no_load_optim=true to load the weights with a fresh optimizer"
+        )
+    saved_ep = (saved_layout or {}).get("expert_model_parallel_size", 1)
+    current_ep = _layout()["expert_model_parallel_size"]
+    if has_optimizer and cfg.moe.num_experts and (saved_ep > 1) != (current_ep > 1):
+        raise CheckpointError(
+            f"{directory}: optimizer state was saved at expert_model_parallel_size={saved_ep} and megatron-core "
+            f"splits MoE optimizers into dense and expert parts only when EP > 1, so it cannot be loaded at "
+            f"EP={current_ep}; set checkpoint.no_load_optim=true to load the weights with a fresh optimizer"
         )
     if has_optimizer and cfg.parallel.use_distributed_optimizer:
         _materialize_optimizer_state(optimizer)

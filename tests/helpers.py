@@ -30,6 +30,8 @@ FAST = (
     "optimizer.lr=3e-3",
     "logging.log_interval=5",
     "checkpoint.save_interval=null",
+    "merge.enabled=false",  # tests that merge turn it on with their own settings
+    "merge.start_iteration=0",
 )
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, run_pretrain
+from helpers import REPO, TINY_DENSE, run_pretrain
 from merge_reference import load_full, model_keys
 
 pytestmark = pytest.mark.slow
@@ -34,11 +34,15 @@ def assert_same_model(a, b):
         assert torch.equal(load_full(a, key), load_full(b, key)), key
 
 
+TINY_MOE = REPO / "configs" / "tiny-moe.yaml"
+MOE = ["moe.num_experts=4", "moe.ffn_hidden_size=64", "parallel.expert_model_parallel_size=2"]
 LAYOUTS = {
     "tp2-sma": (["parallel.tensor_model_parallel_size=2"], "sma"),
     "pp2-ema": (["parallel.pipeline_model_parallel_size=2"], "ema"),
     # DP=2: each parameter's snapshots live on one replica; merged values are broadcast.
     "dp2-wma": ([], "wma"),
+    # MoE at EP=2: each rank merges its own experts; dense parameters are shared over DP=2.
+    "ep2-sma": (MOE, "sma"),
 }
 
 
@@ -46,7 +50,8 @@ LAYOUTS = {
 def runs(tmp_path_factory):
     """One merging run per layout/method, shared by the tests below."""
     root = tmp_path_factory.mktemp("online")
-    return {name: run_pretrain(root / name, 2, [*MERGE, f"merge.method={method}", "merge.ema_alpha=0.3", *layout])
+    return {name: run_pretrain(root / name, 2, [*MERGE, f"merge.method={method}", "merge.ema_alpha=0.3", *layout],
+                               config=TINY_MOE if name.startswith("ep") else TINY_DENSE)
             for name, (layout, method) in LAYOUTS.items()}
 
 

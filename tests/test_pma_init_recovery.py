@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, run_pretrain
+from helpers import REPO, TINY_DENSE, run_pretrain
 from merge_reference import load_full, model_keys
 
 pytestmark = pytest.mark.slow
@@ -69,9 +69,15 @@ SPIKE = ["train.train_iters=44", "checkpoint.save_interval=4", "scheduler.inject
          "recovery.baseline_window=10", "train.eval_interval=44"]
 
 
-def test_injected_spike_is_recovered_and_diverges_without_recovery(tmp_path):
-    healthy_level = None
-    rec = run_pretrain(tmp_path / "rec", 2, [*SPIKE, "recovery.enabled=true"])
+TINY_MOE = REPO / "configs" / "tiny-moe.yaml"
+MODELS = {"dense": (TINY_DENSE, []),
+          "moe": (TINY_MOE, ["moe.num_experts=4", "moe.ffn_hidden_size=64", "parallel.expert_model_parallel_size=2"])}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_injected_spike_is_recovered_and_diverges_without_recovery(tmp_path, model):
+    config, extra = MODELS[model]
+    rec = run_pretrain(tmp_path / "rec", 2, [*SPIKE, *extra, "recovery.enabled=true"], config=config)
     events = [r for r in rec.metrics if r.get("event") == "recovery"]
     assert len(events) == 1, events
     event = events[0]
@@ -81,15 +87,18 @@ def test_injected_spike_is_recovered_and_diverges_without_recovery(tmp_path):
     losses = {r["iteration"]: r["loss"] for r in rec.metrics if "loss" in r}  # the last pass wins
     healthy_level = losses[28]
     assert losses[44] < healthy_level * 1.1 and losses[44] < losses[10]
-    no = run_pretrain(tmp_path / "norec", 2, SPIKE)
+    no = run_pretrain(tmp_path / "norec", 2, [*SPIKE, *extra], config=config)
     assert not [r for r in no.metrics if r.get("event") == "recovery"]
     assert no.val_losses[-1][1] > 5 * rec.val_losses[-1][1]
 
 
-def test_recovery_never_triggers_on_a_healthy_run(tmp_path):
-    run = run_pretrain(tmp_path / "healthy", 2, ["recovery.enabled=true", "train.train_iters=200",
+@pytest.mark.parametrize("model", list(MODELS))
+def test_recovery_never_triggers_on_a_healthy_run(tmp_path, model):
+    """The tiny configs' own schedule (warmup, constant LR, decay) with the default detector."""
+    config, extra = MODELS[model]
+    run = run_pretrain(tmp_path / "healthy", 2, [*extra, "recovery.enabled=true", "train.train_iters=200",
                                                  "scheduler.warmup_iters=20", "scheduler.wsd_decay_iters=40",
-                                                 "checkpoint.save_interval=100", "logging.log_interval=50"],
-                       fast=True)
+                                                 "checkpoint.save_interval=100", "logging.log_interval=50",
+                                                 "merge.enabled=false"], config=config)
     assert len(run.losses) == 200
     assert not [r for r in run.metrics if r.get("event") == "recovery"]
