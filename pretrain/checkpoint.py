@@ -268,23 +268,29 @@ def write_checkpoint(sharded_state_dict: dict, root: str | Path, iteration: int,
     dist.barrier()
 
     if rank == 0:
-        save_config(cfg, staging / CONFIG_FILE)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
-        if final.exists():  # re-saving an iteration: replace it only once the new one is whole
-            old = final.with_name(final.name + ".old")
-            final.rename(old)
-            staging.rename(final)
-            shutil.rmtree(old)
-        else:
-            staging.rename(final)
-        tracker = root / TRACKER_FILE
-        tmp = tracker.with_name(tracker.name + ".tmp")
-        tmp.write_text(f"{iteration}\n")
-        tmp.replace(tracker)
+        publish_checkpoint(cfg, staging, final, iteration)
         logger.info("saved checkpoint %s", final)
     dist.barrier()
     return final
+
+
+def publish_checkpoint(cfg: RunConfig, staging: Path, final: Path, iteration: int) -> None:
+    """Rank 0, once every rank has written into ``staging``: add the resolved config, rename it
+    into place (replacing a previous save of the same iteration only now), point the tracker at it."""
+    save_config(cfg, staging / CONFIG_FILE)
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old)
+    else:
+        staging.rename(final)
+    tracker = final.parent / TRACKER_FILE
+    tmp = tracker.with_name(tracker.name + ".tmp")
+    tmp.write_text(f"{iteration}\n")
+    tmp.replace(tracker)
 
 
 def save_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, state: TrainState,

@@ -37,8 +37,6 @@ from megatron.core import parallel_state
 
 from pretrain.checkpoint import (
     CHECKPOINT_VERSION,
-    CONFIG_FILE,
-    TRACKER_FILE,
     CheckpointError,
     TrainState,
     _layout,
@@ -46,9 +44,10 @@ from pretrain.checkpoint import (
     _rng_state,
     _set_rng_state,
     iteration_dir,
+    publish_checkpoint,
     unwrap,
 )
-from pretrain.config import RunConfig, save_config, to_dict
+from pretrain.config import RunConfig, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -230,18 +229,7 @@ def save_legacy_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, s
     dist.barrier()
 
     if rank == 0:
-        save_config(cfg, staging / CONFIG_FILE)
-        if final.exists():  # re-saving an iteration: replace it only once the new one is whole
-            old = final.with_name(final.name + ".old")
-            final.rename(old)
-            staging.rename(final)
-            shutil.rmtree(old)
-        else:
-            staging.rename(final)
-        tracker = root / TRACKER_FILE
-        tmp = tracker.with_name(tracker.name + ".tmp")
-        tmp.write_text(f"{state.iteration}\n")
-        tmp.replace(tracker)
+        publish_checkpoint(cfg, staging, final, state.iteration)
         logger.info("saved checkpoint %s (legacy torch format)", final)
     dist.barrier()
     return final

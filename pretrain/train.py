@@ -196,20 +196,25 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def train_step(model, optimizer, scheduler, microbatches: list, cfg: RunConfig):
-    """Forward/backward over one global batch, then an optimizer step; returns (loss, grad_norm, skipped)."""
-    for chunk in model:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    reports = get_forward_backward_func()(
+def _run_schedule(model, microbatches: list, cfg: RunConfig, forward_only: bool) -> list:
+    """megatron-core's pipeline schedule over one step's microbatches (each model chunk reads them all)."""
+    return get_forward_backward_func()(
         forward_step_func=_forward_step,
         data_iterator=[iter(microbatches) for _ in model] if len(model) > 1 else iter(microbatches),
         model=model,
         num_microbatches=len(microbatches),
         seq_length=cfg.train.seq_length,
         micro_batch_size=cfg.train.micro_batch_size,
-        forward_only=False,
+        forward_only=forward_only,
     )
+
+
+def train_step(model, optimizer, scheduler, microbatches: list, cfg: RunConfig):
+    """Forward/backward over one global batch, then an optimizer step; returns (loss, grad_norm, skipped)."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = _run_schedule(model, microbatches, cfg, forward_only=False)
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)
@@ -223,15 +228,7 @@ def evaluate(model, batches: List[list], cfg: RunConfig) -> Optional[float]:
         chunk.eval()
     reports = []
     for microbatches in batches:
-        reports += get_forward_backward_func()(
-            forward_step_func=_forward_step,
-            data_iterator=[iter(microbatches) for _ in model] if len(model) > 1 else iter(microbatches),
-            model=model,
-            num_microbatches=len(microbatches),
-            seq_length=cfg.train.seq_length,
-            micro_batch_size=cfg.train.micro_batch_size,
-            forward_only=True,
-        )
+        reports += _run_schedule(model, microbatches, cfg, forward_only=True)
     for chunk in model:
         chunk.train()
     return _reduce_loss(reports)

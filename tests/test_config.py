@@ -1,6 +1,5 @@
 """Run config: YAML + overrides -> typed dataclasses, and validation that names the key."""
 
-from pathlib import Path
 
 import pytest
 import yaml
