@@ -1,43 +1,49 @@
 """Offline merge against the machine's I/O floor and the naive way (a benchmark, not a test).
 
-    python bench/merge_bench.py                      # 3 synthetic inputs, 6 GiB in all
-    python bench/merge_bench.py --quick              # 3 x ~100 MiB, under a minute
-    python bench/merge_bench.py --inputs 3 --total-gib 12 --workers 1 2
+    python bench/merge_bench.py                      # 3 synthetic bf16 inputs, 6 GiB in all
+    python bench/merge_bench.py --quick              # 3 x ~110 MiB (about a minute, mostly
+                                                     # writing the inputs; --dir reuses them)
+    python bench/merge_bench.py --inputs 4 --total-gib 12 --workers 1 2 --repeat 3
     python bench/merge_bench.py --real RUN_DIR --last 3
 
 One invocation measures, on the same inputs:
 
 ``floor``  plain sequential file I/O: read every input ``.distcp`` file front to back in 16 MiB
-           chunks into one reusable buffer, then write one output the size of one input's
-           ``.distcp`` files and fsync it (our merge fsyncs every file it writes, so the floor
-           does too). No parsing, no arithmetic: what the disk allows.
+           chunks into one reused buffer, then write one file the size of one input's
+           ``.distcp`` files and fsync it. Our merge fsyncs every file it writes (plus
+           ``.metadata`` and the directory), so the floor fsyncs too. No parsing, no arithmetic.
 ``ours``   ``megatron_merge.offline.merge_checkpoints`` (SMA), once per ``--workers`` count.
-``naive``  what users do today: ``dist_checkpointing.load_plain_tensors`` on each input,
-           ``acc += w_i * x_i.float()`` in memory, cast back to the source dtype,
-           ``torch.save`` of the averaged plain state dict to one file, fsynced.
+``naive``  what users do today: ``dist_checkpointing.load_plain_tensors`` on each input (in a
+           gloo world of 1), ``acc += w_i * x_i.float()`` in memory for every float tensor,
+           cast back to the source dtype, ``torch.save`` of the plain state dict to one file,
+           fsynced. Its memory is the fp32 accumulator plus one loaded checkpoint.
 
-Each measurement runs in a fresh subprocess (so memory does not leak between them) and
-reports wall time of the work (interpreter and import start-up excluded), throughput as the
-inputs' ``.distcp`` bytes per second (the same numerator for every method, so throughput
-ratios are time ratios), and peak RSS: ``VmHWM`` of the process, or for ``--workers > 1`` the
-sampled peak of the process plus its workers. Before each measurement the page cache is
-dropped (``sync; echo 3 > /proc/sys/vm/drop_caches``) so every method reads cold; without the
-permission to do that, every input is read once beforehand and all methods read warm.
+Each measurement runs in a fresh subprocess, so memory does not leak between them. Reported:
+wall time of the work (interpreter start and imports excluded), throughput as the inputs'
+``.distcp`` bytes per wall second (one numerator for all, so throughput ratios are time
+ratios), CPU seconds (user + system, workers included), bytes actually read (``ours`` reads
+optimizer state of the newest input only, which matters with ``--real``), and peak RSS:
+``VmHWM``, or with ``--workers > 1`` the sampled peak of the process and its workers; the
+growth column is over the process's RSS after its imports (torch alone is ~350 MiB). Before
+each measurement the page cache is dropped (``sync; echo 3 > /proc/sys/vm/drop_caches``,
+needs root) so every method reads from disk; without that permission every input is read
+once first and all methods read warm. The 1-minute load average is recorded: on a shared
+host, wall times vary by 2x from run to run, so compare ratios from one invocation and use
+``--repeat`` (methods interleaved, medians reported).
 
 Synthetic inputs are written by megatron-core's own ``dist_checkpointing.save`` from 2 spawned
-gloo ranks at TP=2 (matrices split column/row-parallel, norms replicated, an RNG object and a
-TE-style extra state per checkpoint): 4 ``.distcp`` files per checkpoint (2 ranks x 2 writer
-threads), the layout of a real GPT checkpoint of the chosen size. ``--dir`` keeps them for
-the next run. Prints one JSON line per measurement, a table, and a JSON summary line with the
-ratios and the issue's targets (within 1.3x of the floor's time; >= 2x faster and >= 5x less
-peak memory than the naive way).
+gloo ranks at TP=2 (GPT-shaped: embedding and output layer, qkv/fc1 split by rows, proj/fc2
+by columns, replicated norms, an RNG object and a TE-style extra state): 4 ``.distcp`` files
+per checkpoint (2 ranks x 2 writer threads), as a real TP=2 save lays them out. ``--dir``
+keeps them for the next run. Prints one JSON line per measurement, a table, and a JSON
+summary with the ratios and the issue's targets (within 1.3x of the floor's time; at least 2x
+faster and 5x less peak memory than the naive way, on checkpoints of several GB).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -60,7 +66,7 @@ TARGETS = {"ours_over_floor_time": 1.3, "naive_over_ours_time": 2.0, "naive_over
 # ============================================================================================
 
 
-def model_layout(bytes_per_checkpoint: int, itemsize: int) -> dict[str, tuple[tuple[int, ...], int | None]]:
+def model_layout(bytes_per_checkpoint: int, itemsize: int) -> dict[str, tuple[tuple, int | None]]:
     """Global shape and TP split dim (None: replicated) of each tensor of a GPT of about the
     requested size: embedding and output layer of ``16 * hidden`` rows, then as many
     transformer layers (qkv, proj, fc1, fc2, two norms) as fill the rest."""
@@ -152,8 +158,8 @@ def write_synthetic(root: Path, inputs: int, total_bytes: int, dtype: str) -> li
     jobs = [(str(p), 1000 * (i + 1), total_bytes // inputs) for i, p in enumerate(paths)]
     started = time.perf_counter()
     # In a fresh interpreter: megatron-core's save patches and its memory stay out of this one.
-    subprocess.run([sys.executable, __file__, "--_generate", json.dumps({"jobs": jobs, "dtype": dtype})],
-                   check=True)
+    spec_arg = json.dumps({"jobs": jobs, "dtype": dtype})
+    subprocess.run([sys.executable, __file__, "--_generate", spec_arg], check=True)
     spec_path.write_text(json.dumps(spec))
     log(f"wrote {inputs} synthetic checkpoints in {time.perf_counter() - started:.0f} s")
     return paths
@@ -242,8 +248,8 @@ def _cpu_seconds() -> float:
     """User + system CPU time of this process and its finished children (the workers)."""
     import resource
 
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    usages = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    return sum(u.ru_utime + u.ru_stime for u in usages)
 
 
 def _status_kib(field: str) -> int:
@@ -378,41 +384,69 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def report(rows: list[dict], input_bytes: int, checkpoints: int, cache: str) -> None:
-    """Print the table and a JSON summary with ratios against the floor and the naive way."""
-    by_name = {r["name"]: r for r in rows}
-    floor, naive = by_name["floor"], by_name.get("naive")
-    header = (f"{'method':<16}{'seconds':>9}{'GiB/s':>8}{'read GiB':>10}{'peak RSS MiB':>14}"
-              f"{'(+growth)':>11}{'x floor':>9}{'naive/this':>12}{'naive/this':>12}")
-    print(f"\n{checkpoints} checkpoints, {input_bytes / GIB:.2f} GiB of .distcp input in all; "
-          f"page cache: {cache}")
-    print(header)
-    print(f"{'':<16}{'':>9}{'':>8}{'':>10}{'':>14}{'':>11}{'(time)':>9}{'(time)':>12}{'(peak RSS)':>12}")
+# Table columns: header, width, format of the value.
+COLUMNS = [
+    ("method", 17, "{}"), ("wall s", 8, "{:.2f}"), ("GiB/s", 7, "{:.3f}"), ("CPU s", 7, "{:.1f}"),
+    ("read GiB", 9, "{:.2f}"), ("peak RSS MiB", 13, "{:.0f}"), ("(+ growth)", 11, "{:+.0f}"),
+    ("x floor", 8, "{:.2f}"), ("naive/this", 11, "{:.2f}"), ("naive/this", 11, "{:.1f}"),
+]
+
+
+def _table_line(cells: list[str]) -> str:
+    return "".join(
+        f"{cell:<{width}}" if i == 0 else f"{cell:>{width}}"
+        for i, (cell, (_, width, _)) in enumerate(zip(cells, COLUMNS))
+    )
+
+
+def print_table(rows: list[dict], input_bytes: int) -> None:
+    """One line per method: its medians, and its ratios to the floor and to the naive way."""
+    floor = next(r for r in rows if r["name"] == "floor")
+    naive = next((r for r in rows if r["name"] == "naive"), None)
+    print(_table_line([name for name, _, _ in COLUMNS]))
+    print(_table_line([""] * 7 + ["(time)", "(time)", "(peak RSS)"]))
     for r in rows:
-        naive_t = f"{naive['seconds'] / r['seconds']:.2f}" if naive else "-"
-        naive_m = f"{naive['peak_rss'] / r['peak_rss']:.1f}" if naive else "-"
-        print(f"{r['name']:<16}{r['seconds']:>9.2f}{input_bytes / GIB / r['seconds']:>8.3f}"
-              f"{r['bytes_read'] / GIB:>10.2f}{r['peak_rss'] / MIB:>14.0f}"
-              f"{(r['peak_rss'] - r['baseline_rss']) / MIB:>+11.0f}"
-              f"{r['seconds'] / floor['seconds']:>9.2f}{naive_t:>12}{naive_m:>12}")
-    ours = [r for r in rows if r["name"].startswith("ours")]
-    best = min(ours, key=lambda r: r["seconds"])
-    summary = {"summary": True, "checkpoints": checkpoints, "input_bytes": input_bytes, "cache": cache,
-               "best_ours": best["name"],
+        values = [
+            r["name"], r["seconds"], input_bytes / GIB / r["seconds"], r["cpu_seconds"],
+            r["bytes_read"] / GIB, r["peak_rss"] / MIB, (r["peak_rss"] - r["baseline_rss"]) / MIB,
+            r["seconds"] / floor["seconds"],
+            naive["seconds"] / r["seconds"] if naive else None,
+            naive["peak_rss"] / r["peak_rss"] if naive else None,
+        ]
+        print(_table_line([
+            "-" if value is None else fmt.format(value) for value, (_, _, fmt) in zip(values, COLUMNS)
+        ]))
+
+
+def summarize(rows: list[dict], **context) -> dict:
+    """Ratios of our fastest configuration to the floor and the naive way, and the targets."""
+    floor = next(r for r in rows if r["name"] == "floor")
+    naive = next((r for r in rows if r["name"] == "naive"), None)
+    best = min((r for r in rows if r["name"].startswith("ours")), key=lambda r: r["seconds"])
+    summary = {"summary": True, **context, "best_ours": best["name"],
                "ours_over_floor_time": round(best["seconds"] / floor["seconds"], 3)}
+    met = {"within_1.3x_floor_time": summary["ours_over_floor_time"] <= TARGETS["ours_over_floor_time"]}
     if naive:
         summary["naive_over_ours_time"] = round(naive["seconds"] / best["seconds"], 3)
         summary["naive_over_ours_peak_rss"] = round(naive["peak_rss"] / best["peak_rss"], 2)
-    summary["targets_met"] = {
-        "within_1.3x_floor": summary["ours_over_floor_time"] <= TARGETS["ours_over_floor_time"],
-        **({
-            "2x_faster_than_naive": summary["naive_over_ours_time"] >= TARGETS["naive_over_ours_time"],
-            "5x_less_memory_than_naive":
-                summary["naive_over_ours_peak_rss"] >= TARGETS["naive_over_ours_peak_rss"],
-        } if naive else {}),
-    }
-    print()
-    print(json.dumps(summary))
+        met["2x_faster_than_naive"] = summary["naive_over_ours_time"] >= TARGETS["naive_over_ours_time"]
+        met["5x_less_peak_rss_than_naive"] = (
+            summary["naive_over_ours_peak_rss"] >= TARGETS["naive_over_ours_peak_rss"]
+        )
+    summary["targets_met"] = met
+    return summary
+
+
+def medians(runs: dict[str, list[dict]]) -> list[dict]:
+    """One row per method: median time, CPU time and load over its runs, the highest peak RSS."""
+    rows = []
+    for name, results in runs.items():
+        row = dict(results[0], name=name)
+        for field in ("seconds", "cpu_seconds", "loadavg_1m"):
+            row[field] = statistics.median(r[field] for r in results)
+        row["peak_rss"] = max(r["peak_rss"] for r in results)
+        rows.append(row)
+    return rows
 
 
 # ============================================================================================
@@ -421,20 +455,25 @@ def report(rows: list[dict], input_bytes: int, checkpoints: int, cache: str) -> 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--inputs", type=int, default=3, help="synthetic checkpoints to merge")
     parser.add_argument("--total-gib", type=float, default=6.0,
                         help="synthetic .distcp bytes across all inputs (default 6: 3 x 2 GiB; "
-                        "the naive way needs ~3x one checkpoint in memory)")
+                        "the naive way holds ~3.5x one checkpoint in memory)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="synthetic parameter dtype (default: bfloat16, as bf16 training saves)")
-    parser.add_argument("--quick", action="store_true", help="3 inputs of ~100 MiB (< 1 minute)")
+    parser.add_argument("--quick", action="store_true", help="3 inputs of ~110 MiB, 1 worker")
     parser.add_argument("--real", metavar="RUN_DIR", help="merge real checkpoints of a pretrain run")
     parser.add_argument("--last", type=int, default=3, help="with --real: the newest N checkpoints")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="our merge's worker counts")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per method; the median is reported")
+    parser.add_argument("--workers", type=int, nargs="+",
+                        help="our merge's worker counts (default: 1 2; with --quick: 1)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per method, interleaved; medians are reported")
     parser.add_argument("--skip-naive", action="store_true", help="leave out the naive way")
-    parser.add_argument("--warm", action="store_true", help="read warm even where the cache can be dropped")
+    parser.add_argument("--warm", action="store_true",
+                        help="read warm even where the page cache can be dropped")
     parser.add_argument("--dir", help="scratch directory; synthetic inputs kept there for reuse "
                         "(default: a temporary one, removed at the end)")
     parser.add_argument("--_generate", help=argparse.SUPPRESS)
@@ -442,7 +481,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.inputs, args.total_gib = 3, 0.3
+    if args.workers is None:
+        args.workers = [1] if args.quick else [1, 2]
     return args
+
+
+def run_all(methods: list[tuple[str, str, int]], inputs: list[Path], scratch: Path, cold: bool,
+            repeat: int) -> dict[str, list[dict]]:
+    """Measure every (name, method, workers) ``repeat`` times, interleaved so that drift on a
+    shared host hits every method alike; print a JSON line per measurement."""
+    input_bytes = sum(checkpoint_bytes(c) for c in inputs)
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in methods}
+    for run in range(1, repeat + 1):
+        for name, method, workers in methods:
+            log(f"[{run}/{repeat}] {name} ...")
+            result = measure(method, inputs, scratch, cold, workers)
+            runs[name].append(result)
+            rounded = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+            print(json.dumps({"method": name, "run": run, "input_bytes": input_bytes,
+                              "read_gib_per_s": round(input_bytes / GIB / result["seconds"], 3),
+                              **rounded}), flush=True)
+    return runs
 
 
 def main(argv=None) -> None:
@@ -453,47 +512,39 @@ def main(argv=None) -> None:
         return _measure_main(json.loads(args._measure))
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="merge_bench_"))
-    root.mkdir(parents=True, exist_ok=True)
     scratch = root / "outputs"
-    scratch.mkdir(exist_ok=True)
+    scratch.mkdir(parents=True, exist_ok=True)
     try:
         if args.real:
             from megatron_merge.selection import select_from_run
 
             inputs = [ref.path for ref in select_from_run(args.real, last=args.last)]
         else:
-            inputs = write_synthetic(root / "inputs", args.inputs, int(args.total_gib * GIB), args.dtype)
+            total = int(args.total_gib * GIB)
+            inputs = write_synthetic(root / "inputs", args.inputs, total, args.dtype)
         input_bytes = sum(checkpoint_bytes(c) for c in inputs)
 
         cold = not args.warm and drop_page_cache()
-        cache = "dropped before each run (cold reads)" if cold else "warm (every input read once first)"
         if not cold:
             warm_page_cache(inputs)
-        plan = [("floor", "floor", 1)] + [(f"ours ({w} worker{'s' * (w > 1)})", "ours", w) for w in args.workers]
+        methods = [("floor", "floor", 1)]
+        methods += [(f"ours ({w} worker{'s' * (w > 1)})", "ours", w) for w in args.workers]
         if not args.skip_naive:
-            plan.append(("naive", "naive", 1))
-        runs: dict[str, list[dict]] = {name: [] for name, _, _ in plan}
-        for repeat in range(args.repeat):
-            for name, method, workers in plan:  # interleaved, so drift hits every method alike
-                log(f"[{repeat + 1}/{args.repeat}] {name} ...")
-                result = measure(method, inputs, scratch, cold, workers)
-                runs[name].append(result)
-                print(json.dumps({"method": name, "run": repeat + 1, "input_bytes": input_bytes,
-                                  "read_gib_per_s": round(input_bytes / GIB / result["seconds"], 3),
-                                  **{k: round(v, 3) if isinstance(v, float) else v
-                                     for k, v in result.items()}}), flush=True)
-        rows = []
-        for name, results in runs.items():
-            row = dict(results[0], name=name)
-            row["seconds"] = statistics.median(r["seconds"] for r in results)
-            row["peak_rss"] = max(r["peak_rss"] for r in results)
-            rows.append(row)
-        report(rows, input_bytes, len(inputs), cache)
+            methods.append(("naive", "naive", 1))
+        rows = medians(run_all(methods, inputs, scratch, cold, args.repeat))
+
+        cache = "dropped before each run (cold reads)" if cold else "warm (inputs read once first)"
+        load = statistics.mean(r["loadavg_1m"] for r in rows)
+        print(f"\n{len(inputs)} checkpoints, {input_bytes / GIB:.2f} GiB of .distcp input in all; "
+              f"page cache {cache}; median of {args.repeat} run(s); mean 1-min load average "
+              f"{load:.1f} on {os.cpu_count()} CPUs")
+        print_table(rows, input_bytes)
+        print()
+        print(json.dumps(summarize(rows, checkpoints=len(inputs), input_bytes=input_bytes,
+                                   cache=cache, repeat=args.repeat,
+                                   mean_loadavg_1m=round(load, 2))))
     finally:
-        if args.dir:
-            shutil.rmtree(scratch, ignore_errors=True)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(scratch if args.dir else root, ignore_errors=True)
 
 
 if __name__ == "__main__":

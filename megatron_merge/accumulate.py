@@ -187,7 +187,9 @@ def ema_update(acc: torch.Tensor, values: torch.Tensor, alpha: float, first: boo
 _BLOCK_ELEMS = 1 << 18
 
 
-def _row_blocks(acc: torch.Tensor, values: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _row_blocks(
+    acc: torch.Tensor, values: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Matching views of ``acc`` and ``values`` in blocks of whole rows (dim 0) of about
     ``_BLOCK_ELEMS`` elements; the tensors themselves when small, of other shapes, or off CPU."""
     rows = acc.shape[0] if acc.dim() else 0

@@ -91,6 +91,9 @@ MERGE, COPY, DROP = "merge", "copy", "drop"
 # accumulate), where more threads only add fork/join cost -- and on shared CPUs each op waits
 # for its slowest, descheduled thread: 2 threads ran 10x slower than 1 on a loaded 2-core host.
 MERGE_THREADS = 1
+# Input bytes the merge asks the kernel to read ahead of the chunk it is merging (see
+# _Readahead): enough to cover a few chunks' merge time, small next to any page cache.
+READAHEAD_BYTES = 256 * 2**20
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,16 +424,16 @@ def write_output_file(
     newest = ctx.checkpoints[-1]
     results = []
     items = file_plan.items
-    _prefetch_inputs(ctx, items[0] if items else None)
+    readahead = _Readahead(ctx, items)
     with DistcpFileWriter(ctx.out_dir / file_plan.name) as writer:
         for position, item in enumerate(items):
-            # While this item is merged, the disk reads the next one's input chunks.
-            _prefetch_inputs(ctx, items[position + 1] if position + 1 < len(items) else None)
+            readahead.ask_beyond(position)
             if item.offsets is None:
                 stored = StoredItem(item.index, newest.metadata.storage_data[item.index])
                 info = writer.copy_item(newest, stored)
             elif item.action == COPY:
-                info = writer.write_tensor(newest.read_chunk(newest.chunk_at(item.key, item.offsets)))
+                stored_chunk = newest.chunk_at(item.key, item.offsets)
+                info = writer.write_tensor(newest.read_chunk(stored_chunk, ctx.buffers))
             else:
                 info = writer.write_tensor(_merge_chunk(ctx, item))
             results.append((item.index, info))
@@ -439,15 +442,47 @@ def write_output_file(
     return results
 
 
-def _prefetch_inputs(ctx: _MergeContext, item: ItemPlan | None) -> None:
-    """Start reading the stored chunks ``item`` will need (a page-cache hint; see
-    :meth:`TorchDistCheckpoint.prefetch`)."""
-    if item is None or item.offsets is None:
-        return  # bytes items are small
-    sources = ctx.checkpoints if item.action == MERGE else ctx.checkpoints[-1:]
-    for ckpt in sources:
-        for stored, _, _ in ckpt.chunks_overlapping(item.key, item.offsets, item.sizes):
-            ckpt.prefetch(stored.storage)
+class _Readahead:
+    """Asks the kernel to read the input chunks of the items after the one being merged, up to
+    ``READAHEAD_BYTES`` ahead (page-cache hints; see :meth:`TorchDistCheckpoint.prefetch`).
+
+    The disk then stays busy while the CPU merges -- also while the merge waits for a CPU on
+    a busy host -- instead of idling until the next read asks for data.
+    """
+
+    def __init__(self, ctx: _MergeContext, items: Sequence[ItemPlan]):
+        self.ctx, self.items, self.asked = ctx, items, 0  # items[:asked] were asked for
+        self.ahead = 0  # input bytes asked for beyond the current item
+
+    def ask_beyond(self, position: int) -> None:
+        """Called before merging ``items[position]``: keep the window ahead of it full."""
+        if self.asked <= position:  # the first item, or one the window did not reach
+            self.ahead = 0
+            self._ask(position)
+            self.asked = position + 1
+        else:
+            self.ahead -= self._input_bytes(self.items[position])
+        # At least the next item, then more while the window has room.
+        while self.asked < len(self.items) and (
+            self.asked == position + 1 or self.ahead < READAHEAD_BYTES
+        ):
+            self.ahead += self._ask(self.asked)
+            self.asked += 1
+
+    def _ask(self, position: int) -> int:
+        item = self.items[position]
+        if item.offsets is None:
+            return 0  # bytes items are small
+        for ckpt in self._sources(item):
+            for stored, _, _ in ckpt.chunks_overlapping(item.key, item.offsets, item.sizes):
+                ckpt.prefetch(stored.storage)
+        return self._input_bytes(item)
+
+    def _sources(self, item: ItemPlan) -> list[TorchDistCheckpoint]:
+        return self.ctx.checkpoints if item.action == MERGE else self.ctx.checkpoints[-1:]
+
+    def _input_bytes(self, item: ItemPlan) -> int:
+        return 0 if item.offsets is None else item.nbytes * len(self._sources(item))
 
 
 def _merge_chunk(ctx: _MergeContext, item: ItemPlan) -> torch.Tensor:
@@ -456,7 +491,9 @@ def _merge_chunk(ctx: _MergeContext, item: ItemPlan) -> torch.Tensor:
     def parts_of_input(i: int) -> Iterator[PiecePart]:
         ckpt = ctx.checkpoints[i]
         for stored, offsets, sizes in ckpt.chunks_overlapping(item.key, item.offsets, item.sizes):
-            values = ckpt.read_chunk(stored)
+            # Into the reused input buffer: merge_piece is done with a part before asking for
+            # the next, and the result has its own buffer.
+            values = ckpt.read_chunk(stored, ctx.buffers)
             if tuple(sizes) != stored.sizes:
                 values = values[region_within(offsets, sizes, stored.offsets)]
             origin = (

@@ -607,7 +607,8 @@ def write_rank_file(ctx: _Context, plan: RankFilePlan) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.rename(target)
-    del trees, out
+    trees.clear()  # release the memory-mapped inputs now, not at the next file
+    del out
 
 
 def _merge_ranges(ctx: _Context, name: str, trees: list, slot: Slot) -> torch.Tensor:

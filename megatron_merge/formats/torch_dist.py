@@ -21,7 +21,8 @@ new ``(offset, length)`` recorded in a fresh ``storage_data``; ``.metadata`` is 
 ``FileSystemWriter.finish`` does. So torch's and megatron-core's own readers load the output.
 
 Safety: ``.metadata`` is read with a restricted unpickler that only resolves DCP metadata
-classes; tensor items load with ``torch.load(weights_only=True)``; bytes items are copied
+classes; tensor items load with ``torch.load(weights_only=True)`` (the merge has torch parse
+the item that way, then reads its data record into a reused buffer); bytes items are copied
 without being unpickled; ``common.pt`` is copied byte for byte, or, when optimizer state is
 dropped, loaded with ``weights_only=True`` and saved without its optimizer entries.
 """
@@ -35,7 +36,11 @@ import json
 import logging
 import os
 import pickle
+import re
+import struct
+import sys
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -50,7 +55,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from megatron_merge.accumulate import intersect
+from megatron_merge.accumulate import PieceBuffers, intersect
 from megatron_merge.errors import MergeError
 
 logger = logging.getLogger(__name__)
@@ -326,15 +331,22 @@ class TorchDistCheckpoint:
 
     # -- reading items -------------------------------------------------------------------------
 
-    def read_chunk(self, chunk: StoredChunk) -> torch.Tensor:
-        """Load one stored chunk, checked against the metadata's dtype and sizes."""
+    def read_chunk(self, chunk: StoredChunk, buffers: PieceBuffers | None = None) -> torch.Tensor:
+        """Load one stored chunk, checked against the metadata's dtype and sizes.
+
+        With ``buffers`` the values land in their reused ``"input"`` buffer (see
+        :func:`_load_into_buffer`) and are valid until the next read with the same buffers.
+        """
         self.check_stored(chunk.storage, chunk.key)
         file = self.path / chunk.storage.relative_path
         where = f"{file} (key {chunk.key!r}, chunk offsets {chunk.offsets})"
         try:
             with open(file, "rb") as f:
                 view = _ByteRangeReader(f, chunk.storage.offset, chunk.storage.length)
-                tensor = torch.load(view, map_location="cpu", weights_only=True)
+                tensor = _load_into_buffer(view, buffers) if buffers is not None else None
+                if tensor is None:
+                    view.seek(0)
+                    tensor = torch.load(view, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - a blob that does not load is corrupt
             raise MergeError(f"{where}: corrupt item ({type(err).__name__}: {err})") from None
         expected_dtype = self.metadata.state_dict_metadata[chunk.key].properties.dtype
@@ -371,6 +383,59 @@ class TorchDistCheckpoint:
                     )
                 out.write(data)
                 left -= len(data)
+
+
+def _load_into_buffer(view: "_ByteRangeReader", buffers: PieceBuffers) -> torch.Tensor | None:
+    """``torch.load`` of a one-tensor item, with the tensor's bytes read into a reused buffer.
+
+    torch.load allocates fresh memory for every item, which the OS page-faults in again each
+    time (see :class:`PieceBuffers`). Here torch still parses the item -- its pickle, with
+    ``weights_only``'s checks -- but under ``skip_data``, which leaves the storage unread and
+    untouched; the zip directory says where the one storage record lies, and one ``readinto``
+    fills the buffer. Returns None for an item not laid out that way, or one it cannot parse
+    (the caller then uses plain ``torch.load``, which names what is wrong with a corrupt item).
+    """
+    skip_data = getattr(torch.serialization, "skip_data", None)  # torch >= 2.5
+    if skip_data is None:
+        return None
+    try:
+        with skip_data():
+            layout = torch.load(view, map_location="cpu", weights_only=True)
+        record = _storage_record(view) if isinstance(layout, torch.Tensor) else None
+    except Exception:  # noqa: BLE001 - left to plain torch.load to report
+        return None
+    if record is None or record[1] != layout.untyped_storage().nbytes():
+        return None
+    start, nbytes = record
+    raw = buffers.empty("input", (nbytes,), torch.uint8)
+    view.seek(start)
+    if nbytes and view.readinto(raw.numpy()) != nbytes:
+        return None  # short: torch.load reports the truncated item
+    return raw.view(layout.dtype).as_strided(layout.shape, layout.stride(), layout.storage_offset())
+
+
+def _storage_record(view: "_ByteRangeReader") -> tuple[int, int] | None:
+    """(start, length) inside the item of its one storage record (``<archive>/data/<key>``),
+    if it is stored uncompressed in little-endian byte order; else None."""
+    if sys.byteorder != "little":
+        return None
+    view.seek(0)
+    with zipfile.ZipFile(view) as archive:
+        infos = archive.infolist()
+        records = [i for i in infos if re.fullmatch(r"[^/]+/data/[^/]+", i.filename)]
+        byteorder = [i for i in infos if i.filename.endswith("/byteorder")]
+        if byteorder and archive.read(byteorder[0]) != b"little":
+            return None
+    if len(records) != 1 or records[0].compress_type != zipfile.ZIP_STORED:
+        return None
+    record = records[0]
+    view.seek(record.header_offset)
+    header = view.read(zipfile.sizeFileHeader)
+    if len(header) != zipfile.sizeFileHeader or header[:4] != zipfile.stringFileHeader:
+        return None
+    name_length, extra_length = struct.unpack("<HH", header[26:30])  # after the fixed fields
+    start = record.header_offset + zipfile.sizeFileHeader + name_length + extra_length
+    return start, record.file_size
 
 
 class _ByteRangeReader(io.RawIOBase):
