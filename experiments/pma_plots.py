@@ -1,0 +1,201 @@
+"""Plots of the PMA reproduction (matplotlib, PNG): the main curve, gains, ablations, PMA-init."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pma_report import CONFIG_TITLES, METHOD_ORDER, main_rows, merge_table, noise  # noqa: E402
+
+COLORS = {"raw": "0.45", "SMA": "tab:blue", "EMA 0.1": "tab:cyan", "EMA 0.2": "tab:green", "WMA": "tab:purple",
+          "annealed": "tab:orange", "merged start": "tab:blue", "raw start": "tab:orange"}
+MARKERS = {"SMA": "o", "EMA 0.1": "v", "EMA 0.2": "^", "WMA": "D"}
+
+
+def _title(name: str) -> str:
+    return CONFIG_TITLES.get(name, name)
+
+
+def make_all(results: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = [main_plot(results, out / "main.png"), gains_plot(results, out / "gains.png"),
+               ablation_nv_plot(results, out / "ablation_nv.png"),
+               ablation_methods_plot(results, out / "ablation_methods.png"),
+               pma_init_plot(results, out / "pma_init.png")]
+    return written
+
+
+def _save(fig, path: Path, dpi: int = 110) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def main_plot(results: dict, path: Path) -> Path:
+    s = results["scale"]
+    names = list(results["configs"])
+    fig, axes = plt.subplots(1, len(names), figsize=(6.4 * len(names), 4.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        r = results["configs"][name]
+        tpi = r["tokens_per_iteration"] / 1e6
+        curve = [(it, v) for it, v in r["trunk"]["val_curve"] if it >= s["points"][0] // 2]
+        ax.plot([it * tpi for it, _ in curve], [v for _, v in curve], color=COLORS["raw"], lw=1.2,
+                label="newest checkpoint (raw, constant LR)")
+        rows = main_rows(results, name)
+        for label in METHOD_ORDER:
+            ax.plot([row["point"] * tpi for row in rows], [row[label] for row in rows], ls="none",
+                    marker=MARKERS[label], ms=6, color=COLORS[label], label=f"{label} of last {s['main_n']}")
+        ends = [(row["anneal_end"], row["sma_at_end"]) for row in rows if row["sma_at_end"] is not None]
+        if ends:
+            ax.plot([e * tpi for e, _ in ends], [v for _, v in ends], ls="none", marker="o", mfc="none", ms=7,
+                    color=COLORS["SMA"], label="SMA where the annealing ends (equal tokens)")
+        for i, row in enumerate(rows):
+            fork = r["anneal"][str(row["point"])]
+            xs = [row["point"]] + [it for it, _ in fork["val_curve"] if it > row["point"]]
+            ys = [row["raw"]] + [v for it, v in fork["val_curve"] if it > row["point"]]
+            ax.plot([x * tpi for x in xs], ys, ls="--", color=COLORS["annealed"], lw=1.2,
+                    label="annealed from there" if i == 0 else None)
+            ax.plot(xs[-1] * tpi, ys[-1], marker="s", color=COLORS["annealed"], ms=5)
+        # Every merged point in range, the early ones that lag far behind included.
+        values = [row["annealed"] for row in rows] + [row[l] for row in rows for l in (*METHOD_ORDER, "raw")]
+        ax.set_ylim(min(values) - 0.04, max(values) + 0.04)
+        ax.set_xlabel("training tokens (M)")
+        ax.set_ylabel("validation loss")
+        ax.set_title(f"{_title(name)}: merged vs raw vs annealed")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def gains_plot(results: dict, path: Path) -> Path:
+    s = results["scale"]
+    names = list(results["configs"])
+    fig, axes = plt.subplots(1, len(names), figsize=(6.4 * len(names), 4.2), squeeze=False)
+    series = [*METHOD_ORDER, "annealed"]
+    width = 0.8 / len(series)
+    for ax, name in zip(axes[0], names):
+        r = results["configs"][name]
+        rows = main_rows(results, name)
+        sigma = noise(r, s["points"][0])
+        for j, label in enumerate(series):
+            xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(rows))]
+            ax.bar(xs, [row[label] - row["raw"] for row in rows], width, color=COLORS[label], label=label)
+        ax.axhspan(-2 * sigma, 2 * sigma, color="0.85", zorder=0, label="+-2 sigma (checkpoint noise)")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(range(len(rows)), [str(row["point"]) for row in rows])
+        ax.set_xlabel("iteration (comparison point)")
+        ax.set_ylabel("validation loss - raw")
+        ax.set_title(f"{_title(name)}: gain over the newest checkpoint (N={s['main_n']}, V={s['main_v']})")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def ablation_nv_plot(results: dict, path: Path) -> Path:
+    s = results["scale"]
+    names = list(results["configs"])
+    points = s["ablation_points"]
+    fig, axes = plt.subplots(len(names), len(points), figsize=(4.6 * len(points), 3.6 * len(names)), squeeze=False)
+    vs = s["ablation_v"]
+    width = 0.8 / len(vs)
+    cmap = plt.get_cmap("viridis")
+    for row_axes, name in zip(axes, names):
+        r = results["configs"][name]
+        table = merge_table(r)
+        sigma = noise(r, s["points"][0])
+        for ax, p in zip(row_axes, points):
+            raw = r["raw"].get(str(p))
+            for j, v in enumerate(vs):
+                xs, ys = [], []
+                for i, n in enumerate(s["ablation_n"]):
+                    x = table.get(("SMA", n, v, p))
+                    if x is not None and raw is not None:
+                        xs.append(i + (j - (len(vs) - 1) / 2) * width)
+                        ys.append(x - raw)
+                ax.bar(xs, ys, width, color=cmap(j / max(1, len(vs) - 1) * 0.85),
+                       label=f"V={v} it ({v * r['tokens_per_iteration'] / 1e3:.0f}k tok)")
+            ax.axhspan(-2 * sigma, 2 * sigma, color="0.85", zorder=0)
+            ax.axhline(0, color="k", lw=0.8)
+            ax.set_xticks(range(len(s["ablation_n"])), [f"N={n}" for n in s["ablation_n"]])
+            ax.set_title(f"{_title(name)}, iteration {p}")
+            ax.set_ylabel("SMA - raw")
+            ax.grid(alpha=0.3, axis="y")
+            ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def ablation_methods_plot(results: dict, path: Path) -> Path:
+    s = results["scale"]
+    names = list(results["configs"])
+    points = s["method_points"]
+    fig, axes = plt.subplots(len(names), len(points), figsize=(5.2 * len(points), 3.6 * len(names)), squeeze=False)
+    width = 0.8 / len(METHOD_ORDER)
+    for row_axes, name in zip(axes, names):
+        r = results["configs"][name]
+        table = merge_table(r)
+        sigma = noise(r, s["points"][0])
+        for ax, p in zip(row_axes, points):
+            raw = r["raw"].get(str(p))
+            for j, label in enumerate(METHOD_ORDER):
+                xs, ys = [], []
+                for i, n in enumerate(s["method_n"]):
+                    x = table.get((label, n, s["main_v"], p))
+                    if x is not None and raw is not None:
+                        xs.append(i + (j - (len(METHOD_ORDER) - 1) / 2) * width)
+                        ys.append(x - raw)
+                ax.bar(xs, ys, width, color=COLORS[label], label=label)
+            ax.axhspan(-2 * sigma, 2 * sigma, color="0.85", zorder=0)
+            ax.axhline(0, color="k", lw=0.8)
+            ax.set_xticks(range(len(s["method_n"])), [f"N={n}" for n in s["method_n"]])
+            ax.set_title(f"{_title(name)}, iteration {p} (V={s['main_v']})")
+            ax.set_ylabel("merged - raw")
+            ax.grid(alpha=0.3, axis="y")
+            ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _smooth(values: list[float], beta: float = 0.8) -> list[float]:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else beta * acc + (1 - beta) * v
+        out.append(acc)
+    return out
+
+
+def pma_init_plot(results: dict, path: Path) -> Path:
+    s = results["scale"]
+    names = list(results["configs"])
+    points = [str(p) for p in s["pma_points"]]
+    fig, axes = plt.subplots(2 * len(names), len(points), figsize=(5.0 * len(points), 3.2 * 2 * len(names)),
+                             squeeze=False, sharex="col")
+    for k, name in enumerate(names):
+        r = results["configs"][name]
+        table = merge_table(r)
+        for c, p in enumerate(points):
+            ax_loss, ax_grad = axes[2 * k][c], axes[2 * k + 1][c]
+            starts = {"raw start": r["raw"].get(p),
+                      "merged start": table.get(("SMA", s["main_n"], s["main_v"], int(p)))}
+            for label, fork in (("raw start", r["anneal"][p]), ("merged start", r["pma_init"][p])):
+                color = COLORS[label]
+                its = [it for it, _ in fork["train_loss"]]
+                ax_loss.plot(its, _smooth([v for _, v in fork["train_loss"]]), color=color, lw=0.8, alpha=0.5,
+                             label=f"train loss (smoothed), {label}")
+                xs = [int(p)] + [it for it, _ in fork["val_curve"] if it > int(p)]
+                ys = [starts[label]] + [v for it, v in fork["val_curve"] if it > int(p)]
+                ax_loss.plot(xs, ys, color=color, marker="o", ms=4, lw=1.5, label=f"validation, {label}")
+                ax_grad.plot([it for it, _ in fork["grad_norm"]], [g for _, g in fork["grad_norm"]], color=color,
+                             lw=0.9, label=label)
+            ax_loss.set_title(f"{_title(name)}: annealing from iteration {p}")
+            ax_loss.set_ylabel("loss")
+            ax_loss.grid(alpha=0.3)
+            ax_loss.legend(fontsize=7)
+            ax_grad.set_ylabel("grad norm")
+            ax_grad.set_xlabel("iteration")
+            ax_grad.grid(alpha=0.3)
+            ax_grad.legend(fontsize=7)
+    return _save(fig, path, dpi=85)
