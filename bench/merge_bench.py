@@ -419,22 +419,28 @@ def print_table(rows: list[dict], input_bytes: int) -> None:
 
 
 def summarize(rows: list[dict], **context) -> dict:
-    """Ratios of our fastest configuration to the floor and the naive way, and the targets."""
+    """Each of our configurations' ratios to the floor and the naive way, checked against the
+    targets one configuration at a time (a faster worker count may cost the memory target), and
+    the best configuration: the fastest that meets every target, else the fastest."""
     floor = next(r for r in rows if r["name"] == "floor")
     naive = next((r for r in rows if r["name"] == "naive"), None)
-    best = min((r for r in rows if r["name"].startswith("ours")), key=lambda r: r["seconds"])
-    summary = {"summary": True, **context, "best_ours": best["name"],
-               "ours_over_floor_time": round(best["seconds"] / floor["seconds"], 3)}
-    met = {"within_1.3x_floor_time": summary["ours_over_floor_time"] <= TARGETS["ours_over_floor_time"]}
-    if naive:
-        summary["naive_over_ours_time"] = round(naive["seconds"] / best["seconds"], 3)
-        summary["naive_over_ours_peak_rss"] = round(naive["peak_rss"] / best["peak_rss"], 2)
-        met["2x_faster_than_naive"] = summary["naive_over_ours_time"] >= TARGETS["naive_over_ours_time"]
-        met["5x_less_peak_rss_than_naive"] = (
-            summary["naive_over_ours_peak_rss"] >= TARGETS["naive_over_ours_peak_rss"]
-        )
-    summary["targets_met"] = met
-    return summary
+    configurations = {}
+    for r in sorted((r for r in rows if r["name"].startswith("ours")), key=lambda r: r["seconds"]):
+        ratios = {"ours_over_floor_time": round(r["seconds"] / floor["seconds"], 3)}
+        met = {"within_1.3x_floor_time":
+               ratios["ours_over_floor_time"] <= TARGETS["ours_over_floor_time"]}
+        if naive:
+            ratios["naive_over_ours_time"] = round(naive["seconds"] / r["seconds"], 3)
+            ratios["naive_over_ours_peak_rss"] = round(naive["peak_rss"] / r["peak_rss"], 2)
+            met["2x_faster_than_naive"] = (
+                ratios["naive_over_ours_time"] >= TARGETS["naive_over_ours_time"])
+            met["5x_less_peak_rss_than_naive"] = (
+                ratios["naive_over_ours_peak_rss"] >= TARGETS["naive_over_ours_peak_rss"])
+        configurations[r["name"]] = {**ratios, "targets_met": met}
+    best = next((name for name, c in configurations.items() if all(c["targets_met"].values())),
+                next(iter(configurations)))
+    return {"summary": True, **context, "best_ours": best, **configurations[best],
+            "configurations": configurations}
 
 
 def medians(runs: dict[str, list[dict]]) -> list[dict]:
