@@ -20,6 +20,8 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
+from megatron.core.utils import get_pg_rank
 
 from pretrain import cpu_compat, moe_metrics
 from pretrain.config import RunConfig
@@ -84,7 +86,8 @@ def transformer_config(cfg: RunConfig, platform: Platform) -> TransformerConfig:
         fp16=dtype is torch.float16,
         pipeline_dtype=dtype,
         # On CPUs, build each full weight with one generator and slice it: the
-        # initial model is then the same at every tensor-parallel size.
+        # initial model is then the same at every TP size (and, with SeededInitTransformerLayer
+        # and GlobalInitSequentialMLP, at every PP and EP size).
         use_cpu_initialization=on_cpu,
         # Fused kernels exist only on GPUs (TE or apex).
         gradient_accumulation_fusion=te,
@@ -140,6 +143,38 @@ class GlobalInitSequentialMLP(SequentialMLP):
         self.num_local_experts = num_local_experts
 
 
+def layer_init_seed(seed: int, global_layer_number: int) -> int:
+    """The default generator's seed while transformer layer ``global_layer_number`` (1-based)
+    draws its initial weights."""
+    return (seed * 1_000_003 + global_layer_number) % 2**63
+
+
+def seeded_init_layer(seed: int) -> type:
+    """megatron-core's TransformerLayer that draws its weights after re-seeding the default
+    generator with :func:`layer_init_seed` of its global layer number.
+
+    With ``use_cpu_initialization`` every weight comes from the one default generator, in
+    build order. A later pipeline stage builds its layers without the earlier stages' draws, so
+    its layers -- and the output layer after them -- would differ from PP=1's. Re-seeding per
+    layer makes each layer's weights a function of the seed and its place in the model alone:
+    the initial model is the same at every pipeline (and virtual pipeline) size; the embedding
+    draws first and the output layer follows the last layer, as at PP=1.
+    """
+
+    class SeededInitTransformerLayer(TransformerLayer):
+        def __init__(self, config, submodules, layer_number=1, hidden_dropout=None,
+                     pg_collection=None, vp_stage=None, **kwargs):
+            pp_group = pg_collection.pp if pg_collection is not None else None
+            pp_rank = (get_pg_rank(pp_group) if pp_group is not None
+                       else parallel_state.get_pipeline_model_parallel_rank())
+            offset = get_transformer_layer_offset(config, vp_stage, pp_rank)
+            torch.manual_seed(layer_init_seed(seed, layer_number + offset))
+            super().__init__(config, submodules, layer_number=layer_number, hidden_dropout=hidden_dropout,
+                             pg_collection=pg_collection, vp_stage=vp_stage, **kwargs)
+
+    return SeededInitTransformerLayer
+
+
 def _layer_block_spec(config: TransformerConfig, cfg: RunConfig, te: bool, vp_stage):
     spec = get_gpt_decoder_block_spec(
         config, use_transformer_engine=te, normalization=cfg.model.normalization, vp_stage=vp_stage
@@ -152,6 +187,8 @@ def _layer_block_spec(config: TransformerConfig, cfg: RunConfig, te: bool, vp_st
         if (config.use_cpu_initialization and isinstance(moe, MoESubmodules)
                 and getattr(moe.experts, "module", None) is SequentialMLP):
             moe.experts.module = GlobalInitSequentialMLP
+        if config.use_cpu_initialization and layer_spec.module is TransformerLayer:
+            layer_spec.module = seeded_init_layer(cfg.train.seed)
     return spec
 
 

@@ -49,8 +49,8 @@ def test_tp2_trains_logs_and_saves(tp2_run):
 def test_pp2_and_dp2_train(tmp_path, layout, tp2_run):
     run = run_pretrain(tmp_path / "run", 2, [f"train.train_iters={ITERS}", *layout])
     assert falls(run.losses), run.losses
-    if not layout:  # DP=2 (TP=1) and TP=2 start from the same weights and data
-        assert run.losses[0] == pytest.approx(tp2_run.losses[0], rel=1e-5)
+    # PP=2, DP=2 (TP=1) and TP=2 start from the same weights and see the same data.
+    assert run.losses[0] == pytest.approx(tp2_run.losses[0], rel=1e-5)
 
 
 def test_resume_continues_exactly(tmp_path, tp2_run):
