@@ -72,6 +72,19 @@ def main_plot(results: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _style_delta_axes(ax, sigma: float, ticks: list[str], title: str, ylabel: str,
+                      legend_size: int, band_label: str | None = None) -> None:
+    """Axes of a bar chart of losses relative to the raw checkpoint: the +-2 sigma noise band,
+    the zero line, one tick per group."""
+    ax.axhspan(-2 * sigma, 2 * sigma, color="0.85", zorder=0, label=band_label)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(ticks)), ticks)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=legend_size)
+
+
 def gains_plot(results: dict, path: Path) -> Path:
     s = results["scale"]
     names = list(results["configs"])
@@ -85,14 +98,10 @@ def gains_plot(results: dict, path: Path) -> Path:
         for j, label in enumerate(series):
             xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(rows))]
             ax.bar(xs, [row[label] - row["raw"] for row in rows], width, color=COLORS[label], label=label)
-        ax.axhspan(-2 * sigma, 2 * sigma, color="0.85", zorder=0, label="+-2 sigma (checkpoint noise)")
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_xticks(range(len(rows)), [str(row["point"]) for row in rows])
         ax.set_xlabel("iteration (comparison point)")
-        ax.set_ylabel("validation loss - raw")
-        ax.set_title(f"{_title(name)}: gain over the newest checkpoint (N={s['main_n']}, V={s['main_v']})")
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
+        _style_delta_axes(ax, sigma, [str(row["point"]) for row in rows],
+                          f"{_title(name)}: gain over the newest checkpoint (N={s['main_n']}, V={s['main_v']})",
+                          "validation loss - raw", 8, band_label="+-2 sigma (checkpoint noise)")
     return _save(fig, path)
 
 
@@ -119,13 +128,8 @@ def ablation_nv_plot(results: dict, path: Path) -> Path:
                         ys.append(x - raw)
                 ax.bar(xs, ys, width, color=cmap(j / max(1, len(vs) - 1) * 0.85),
                        label=f"V={v} it ({v * r['tokens_per_iteration'] / 1e3:.0f}k tok)")
-            ax.axhspan(-2 * sigma, 2 * sigma, color="0.85", zorder=0)
-            ax.axhline(0, color="k", lw=0.8)
-            ax.set_xticks(range(len(s["ablation_n"])), [f"N={n}" for n in s["ablation_n"]])
-            ax.set_title(f"{_title(name)}, iteration {p}")
-            ax.set_ylabel("SMA - raw")
-            ax.grid(alpha=0.3, axis="y")
-            ax.legend(fontsize=7)
+            _style_delta_axes(ax, sigma, [f"N={n}" for n in s["ablation_n"]],
+                              f"{_title(name)}, iteration {p}", "SMA - raw", 7)
     return _save(fig, path)
 
 
@@ -149,13 +153,8 @@ def ablation_methods_plot(results: dict, path: Path) -> Path:
                         xs.append(i + (j - (len(METHOD_ORDER) - 1) / 2) * width)
                         ys.append(x - raw)
                 ax.bar(xs, ys, width, color=COLORS[label], label=label)
-            ax.axhspan(-2 * sigma, 2 * sigma, color="0.85", zorder=0)
-            ax.axhline(0, color="k", lw=0.8)
-            ax.set_xticks(range(len(s["method_n"])), [f"N={n}" for n in s["method_n"]])
-            ax.set_title(f"{_title(name)}, iteration {p} (V={s['main_v']})")
-            ax.set_ylabel("merged - raw")
-            ax.grid(alpha=0.3, axis="y")
-            ax.legend(fontsize=7)
+            _style_delta_axes(ax, sigma, [f"N={n}" for n in s["method_n"]],
+                              f"{_title(name)}, iteration {p} (V={s['main_v']})", "merged - raw", 7)
     return _save(fig, path)
 
 
