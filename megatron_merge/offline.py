@@ -28,7 +28,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import datetime
 import json
 import logging
 import multiprocessing
@@ -64,12 +63,12 @@ from megatron_merge.formats.torch_dist import (
     output_metadata,
     write_dcp_metadata,
 )
+from megatron_merge.record import MERGE_RECORD_FILE, input_entries, record_header
 from megatron_merge.selection import CheckpointRef, explicit_checkpoints
 from megatron_merge.weights import DEFAULT_EMA_ALPHA, merge_weights
 
 logger = logging.getLogger(__name__)
 
-MERGE_RECORD_FILE = "merge.json"
 OPTIMIZER_PREFIX = "optimizer."
 # megatron-core's names for the optimizer's fp32 master copy of each parameter: the mixed-precision
 # optimizer's `fp32_param`, the distributed optimizer's (fully reshardable) `param`.
@@ -688,22 +687,11 @@ def merge_checkpoints(
 
 def merge_record(plan: MergePlan, out: Path, allow_nonfinite: bool) -> dict:
     """The ``merge.json`` written beside the merged checkpoint."""
-    from megatron_merge import __version__
-
     return {
-        "tool": "megatron-merge",
-        "version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "output": str(out.resolve()),
-        "format": "torch_dist",
-        "method": plan.method,
-        "alpha": plan.alpha,
+        **record_header(tool="megatron-merge", out=out, format="torch_dist", method=plan.method,
+                        alpha=plan.alpha, weights=plan.weights,
+                        inputs=input_entries(plan.inputs, plan.weights)),
         "normalize": plan.normalize,
-        "weights": plan.weights,
-        "inputs": [
-            {"path": str(ref.path.resolve()), "iteration": ref.iteration, "weight": w}
-            for ref, w in zip(plan.inputs, plan.weights)
-        ],
         "accumulate_dtype": plan.accumulate_dtype,
         "allow_nonfinite": allow_nonfinite,
         "model_only": plan.model_only,

@@ -8,7 +8,6 @@ checkpoints' own torch_dist format and layout (model weights only), with a ``mer
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 from pathlib import Path
@@ -17,13 +16,13 @@ from typing import Optional
 from megatron.core import parallel_state
 
 from megatron_merge.online import OnlineMergeSpec, PartitionMerger, map_sharded_params
+from megatron_merge.record import MERGE_RECORD_FILE, record_header
 from pretrain import checkpoint as ckpt
 from pretrain.config import RunConfig, merge_interval_iterations
 
 logger = logging.getLogger(__name__)
 
 MERGED_DIR = "merged"
-MERGE_RECORD_FILE = "merge.json"
 
 
 def merge_spec(cfg: RunConfig) -> OnlineMergeSpec:
@@ -97,23 +96,16 @@ def build_merger(cfg: RunConfig, model_chunks) -> Optional[PartitionMerger]:
 
 def merge_record(cfg: RunConfig, merger: PartitionMerger, out: Path) -> dict:
     """The ``merge.json`` of an in-training merged checkpoint (the offline tool's fields)."""
-    from megatron_merge import __version__
-
     run = Path(cfg.checkpoint.save)
     weights = merger.weights()
-    inputs = [{"iteration": it, "weight": w,
-               "path": str((run / f"iter_{it:07d}").resolve()) if (run / f"iter_{it:07d}").exists() else None}
+    inputs = [{"path": str((run / f"iter_{it:07d}").resolve()) if (run / f"iter_{it:07d}").exists() else None,
+               "iteration": it, "weight": w}
               for it, w in zip(merger.iterations[-len(weights):], weights)]
     return {
-        "tool": "pretrain (in-training merge)",
-        "version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "output": str(out.resolve()),
-        "format": "torch_dist",
-        "method": merger.spec.method,
-        "alpha": merger.spec.ema_alpha if merger.spec.method == "ema" else None,
-        "weights": weights,
-        "inputs": inputs,
+        **record_header(tool="pretrain (in-training merge)", out=out, format="torch_dist",
+                        method=merger.spec.method,
+                        alpha=merger.spec.ema_alpha if merger.spec.method == "ema" else None,
+                        weights=weights, inputs=inputs),
         "snapshots": merger.count,
         "interval_iterations": merger.spec.interval,
         "window": merger.spec.window,

@@ -26,7 +26,6 @@ merged tensors plus one tensor's accumulator, so its peak is bounded by one file
 from __future__ import annotations
 
 import concurrent.futures
-import datetime
 import functools
 import logging
 import multiprocessing
@@ -43,11 +42,11 @@ import torch
 from tqdm import tqdm
 
 from megatron_merge.accumulate import PiecePart, merge_piece, resolve_accumulate_dtype
+from megatron_merge.record import MERGE_RECORD_FILE, input_entries, record_header
 from megatron_merge.errors import MergeError
 
 logger = logging.getLogger(__name__)
 
-MERGE_RECORD_FILE = "merge.json"
 
 SlotPath = tuple  # keys (str/int/...) and list indices from the root of a file's object tree
 
@@ -710,22 +709,11 @@ def _run_workers(plan: RankFileMergePlan, out_dir: Path, workers: int, allow_non
 
 def merge_record(plan: RankFileMergePlan, out: Path, allow_nonfinite: bool) -> dict:
     """The ``merge.json`` written beside the merged checkpoint."""
-    from megatron_merge import __version__
-
     return {
-        "tool": "megatron-merge",
-        "version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "output": str(Path(out).resolve()),
-        "format": plan.format,
-        "method": plan.method,
-        "alpha": plan.alpha,
+        **record_header(tool="megatron-merge", out=out, format=plan.format, method=plan.method,
+                        alpha=plan.alpha, weights=plan.weights,
+                        inputs=input_entries(plan.inputs, plan.weights)),
         "normalize": plan.normalize,
-        "weights": plan.weights,
-        "inputs": [
-            {"path": str(ref.path.resolve()), "iteration": ref.iteration, "weight": w}
-            for ref, w in zip(plan.inputs, plan.weights)
-        ],
         "accumulate_dtype": plan.accumulate_dtype,
         "allow_nonfinite": allow_nonfinite,
         "model_only": plan.model_only,
