@@ -105,57 +105,52 @@ def gains_plot(results: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def ablation_nv_plot(results: dict, path: Path) -> Path:
+def _ablation_grid(results: dict, path: Path, points, series, ns, *, merged_key, color, label, title,
+                   ylabel: str, panel_width: float) -> Path:
+    """One panel per config and point: for each of ``series``, bars of merged - raw over N."""
     s = results["scale"]
     names = list(results["configs"])
-    points = s["ablation_points"]
-    fig, axes = plt.subplots(len(names), len(points), figsize=(4.6 * len(points), 3.6 * len(names)), squeeze=False)
-    vs = s["ablation_v"]
-    width = 0.8 / len(vs)
-    cmap = plt.get_cmap("viridis")
+    fig, axes = plt.subplots(len(names), len(points), figsize=(panel_width * len(points), 3.6 * len(names)),
+                             squeeze=False)
+    width = 0.8 / len(series)
     for row_axes, name in zip(axes, names):
         r = results["configs"][name]
         table = merge_table(r)
         sigma = noise(r, s["points"][0])
         for ax, p in zip(row_axes, points):
             raw = r["raw"].get(str(p))
-            for j, v in enumerate(vs):
+            for j, item in enumerate(series):
                 xs, ys = [], []
-                for i, n in enumerate(s["ablation_n"]):
-                    x = table.get(("SMA", n, v, p))
+                for i, n in enumerate(ns):
+                    x = table.get(merged_key(item, n, p))
                     if x is not None and raw is not None:
-                        xs.append(i + (j - (len(vs) - 1) / 2) * width)
+                        xs.append(i + (j - (len(series) - 1) / 2) * width)
                         ys.append(x - raw)
-                ax.bar(xs, ys, width, color=cmap(j / max(1, len(vs) - 1) * 0.85),
-                       label=f"V={v} it ({v * r['tokens_per_iteration'] / 1e3:.0f}k tok)")
-            _style_delta_axes(ax, sigma, [f"N={n}" for n in s["ablation_n"]],
-                              f"{_title(name)}, iteration {p}", "SMA - raw", 7)
+                ax.bar(xs, ys, width, color=color(j, item), label=label(item, r))
+            _style_delta_axes(ax, sigma, [f"N={n}" for n in ns], title(name, p), ylabel, 7)
     return _save(fig, path)
+
+
+def ablation_nv_plot(results: dict, path: Path) -> Path:
+    s = results["scale"]
+    vs = s["ablation_v"]
+    cmap = plt.get_cmap("viridis")
+    return _ablation_grid(
+        results, path, s["ablation_points"], vs, s["ablation_n"],
+        merged_key=lambda v, n, p: ("SMA", n, v, p),
+        color=lambda j, v: cmap(j / max(1, len(vs) - 1) * 0.85),
+        label=lambda v, r: f"V={v} it ({v * r['tokens_per_iteration'] / 1e3:.0f}k tok)",
+        title=lambda name, p: f"{_title(name)}, iteration {p}", ylabel="SMA - raw", panel_width=4.6)
 
 
 def ablation_methods_plot(results: dict, path: Path) -> Path:
     s = results["scale"]
-    names = list(results["configs"])
-    points = s["method_points"]
-    fig, axes = plt.subplots(len(names), len(points), figsize=(5.2 * len(points), 3.6 * len(names)), squeeze=False)
-    width = 0.8 / len(METHOD_ORDER)
-    for row_axes, name in zip(axes, names):
-        r = results["configs"][name]
-        table = merge_table(r)
-        sigma = noise(r, s["points"][0])
-        for ax, p in zip(row_axes, points):
-            raw = r["raw"].get(str(p))
-            for j, label in enumerate(METHOD_ORDER):
-                xs, ys = [], []
-                for i, n in enumerate(s["method_n"]):
-                    x = table.get((label, n, s["main_v"], p))
-                    if x is not None and raw is not None:
-                        xs.append(i + (j - (len(METHOD_ORDER) - 1) / 2) * width)
-                        ys.append(x - raw)
-                ax.bar(xs, ys, width, color=COLORS[label], label=label)
-            _style_delta_axes(ax, sigma, [f"N={n}" for n in s["method_n"]],
-                              f"{_title(name)}, iteration {p} (V={s['main_v']})", "merged - raw", 7)
-    return _save(fig, path)
+    return _ablation_grid(
+        results, path, s["method_points"], METHOD_ORDER, s["method_n"],
+        merged_key=lambda method, n, p: (method, n, s["main_v"], p),
+        color=lambda j, method: COLORS[method], label=lambda method, r: method,
+        title=lambda name, p: f"{_title(name)}, iteration {p} (V={s['main_v']})", ylabel="merged - raw",
+        panel_width=5.2)
 
 
 def _smooth(values: list[float], beta: float = 0.8) -> list[float]:
