@@ -18,6 +18,7 @@ checkpoint as the latest.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import shutil
@@ -246,6 +247,65 @@ def _materialize_optimizer_state(optimizer) -> None:
             g["lr"], g["weight_decay"] = lr, wd
 
 
+def _chained_count(optimizer) -> int:
+    return len(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _optimizer_parts(state: dict) -> list[dict]:
+    """Per-optimizer parts of an optimizer state dict: ``{0: ..., 1: ...}`` when megatron-core
+    chains several optimizers, the dict itself when it has one."""
+    if state and all(isinstance(key, int) for key in state):
+        return [state[key] for key in sorted(state)]
+    return [state]
+
+
+def _groups_holder(part: dict) -> dict:
+    """The dict holding ``param_groups``: the part itself, or its inner ``optimizer`` (the
+    distributed and mixed-precision optimizers nest torch's state dict there)."""
+    return part if "param_groups" in part else part["optimizer"]
+
+
+def _adopt_optimizer_common(loaded: dict, runtime: dict, saved: dict) -> dict:
+    """The loaded optimizer state, restructured for this run's optimizer chain.
+
+    At EP > 1 megatron-core chains a dense and an expert optimizer, at EP = 1 it has one. Their
+    tensor state is keyed per parameter (``chained_optim_avoid_prefix``), so it reshards across
+    that boundary like the weights and is already in this run's structure in ``loaded``; the
+    non-tensor part -- ``param_groups`` and the step count -- comes from ``common.pt`` in the
+    saved structure. Here each of this run's optimizers gets its own ``param_groups`` (this run's
+    hyperparameters; the LR follows the scheduler anyway) with the saved step count, which
+    megatron-core keeps equal across chained optimizers.
+    """
+    saved_parts = _optimizer_parts(saved)
+    saved_holder = _groups_holder(saved_parts[0])
+    common_step = saved_holder.get("state", {}).get("common_step")  # plain and mixed-precision
+    group_step = saved_holder["param_groups"][0].get("step")  # distributed optimizer
+    runtime_parts = _optimizer_parts(runtime)
+    if len(runtime_parts) == 1:
+        parts = [{key: value for key, value in loaded.items() if not isinstance(key, int)}]
+    else:
+        parts = [loaded[i] for i in range(len(runtime_parts))]
+    for part, runtime_part in zip(parts, runtime_parts):
+        for key, value in saved_parts[0].items():  # e.g. param_state_sharding_type
+            if key not in ("optimizer", "param_groups", "state"):
+                part.setdefault(key, copy.deepcopy(value))
+        runtime_holder = _groups_holder(runtime_part)
+        holder = part if runtime_holder is runtime_part else part.setdefault("optimizer", {})
+        loaded_groups = holder.get("param_groups", [])
+        groups = []
+        for i, runtime_group in enumerate(runtime_holder["param_groups"]):
+            group = {key: value for key, value in runtime_group.items() if key != "params"}
+            if "params" in runtime_group:  # torch's own layout: the loaded (unwrapped) ids
+                group["params"] = loaded_groups[i]["params"]
+            if group_step is not None:
+                group["step"] = group_step
+            groups.append(group)
+        holder["param_groups"] = groups
+        if common_step is not None:
+            holder.setdefault("state", {})["common_step"] = common_step
+    return parts[0] if len(parts) == 1 else dict(enumerate(parts))
+
+
 def write_checkpoint(sharded_state_dict: dict, root: str | Path, iteration: int, cfg: RunConfig,
                      extra_files: Optional[dict] = None) -> Path:
     """Save ``sharded_state_dict`` as ``<root>/iter_NNNNNNN`` atomically and point the tracker at it.
@@ -341,13 +401,18 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
             f"parallel.use_distributed_optimizer={cfg.parallel.use_distributed_optimizer}; "
             "set checkpoint.no_load_optim=true to load the weights with a fresh optimizer"
         )
-    saved_ep = (saved_layout or {}).get("expert_model_parallel_size", 1)
-    current_ep = _layout()["expert_model_parallel_size"]
-    if has_optimizer and cfg.moe.num_experts and (saved_ep > 1) != (current_ep > 1):
+    # megatron-core chains separate dense and expert optimizers only at EP > 1: across that
+    # boundary the optimizer's non-tensor part is rebuilt for this run (see _adopt_optimizer_common).
+    rechain = has_optimizer and len(_optimizer_parts(common.get("optimizer", {}))) != _chained_count(optimizer)
+    if rechain and cfg.parallel.use_distributed_optimizer and any(
+            part.get("param_state_sharding_type") != "fully_reshardable"
+            for part in _optimizer_parts(common.get("optimizer", {}))):
+        saved_ep = (saved_layout or {}).get("expert_model_parallel_size", 1)
         raise CheckpointError(
-            f"{directory}: optimizer state was saved at expert_model_parallel_size={saved_ep} and megatron-core "
-            f"splits MoE optimizers into dense and expert parts only when EP > 1, so it cannot be loaded at "
-            f"EP={current_ep}; set checkpoint.no_load_optim=true to load the weights with a fresh optimizer"
+            f"{directory}: distributed-optimizer state saved at expert_model_parallel_size={saved_ep} in a format "
+            f"other than fully_reshardable cannot be loaded at EP={_layout()['expert_model_parallel_size']} "
+            "(megatron-core keys it by optimizer); set checkpoint.no_load_optim=true to load the weights "
+            "with a fresh optimizer"
         )
     if has_optimizer and cfg.parallel.use_distributed_optimizer:
         _materialize_optimizer_state(optimizer)
@@ -372,6 +437,8 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
     for i, chunk in enumerate(model_chunks):
         unwrap(chunk).load_state_dict(loaded[_model_key(i, len(model_chunks))])
     if has_optimizer:
+        if rechain:
+            loaded["optimizer"] = _adopt_optimizer_common(loaded["optimizer"], sd["optimizer"], common["optimizer"])
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["opt_param_scheduler"])
     else:
