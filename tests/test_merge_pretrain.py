@@ -86,10 +86,8 @@ def test_merged_checkpoint_trains_on_at_same_and_other_layout(runs, tmp_path):
                                                f"checkpoint.load={merged}"])
     other = run_pretrain(tmp_path / "other", 2, ["train.train_iters=16", "parallel.pipeline_model_parallel_size=2",
                                                  f"checkpoint.load={merged}"])
-    raw = run_pretrain(tmp_path / "raw", 2, ["train.train_iters=16", "parallel.tensor_model_parallel_size=2",
-                                             f"checkpoint.load={runs / 'tp2' / 'iter_0000012'}"])
     assert len(same.losses) == len(other.losses) == 4
-    # The same merged weights at both layouts; not the raw newest checkpoint's.
+    # The same merged weights at both layouts (that they are the merge, not the newest input, the
+    # bit-exact test above checks on disk; resuming trains on from them).
     assert same.losses[0] == pytest.approx(other.losses[0], rel=1e-5)
-    assert same.losses[0] != pytest.approx(raw.losses[0], rel=1e-5)
     assert all(torch.isfinite(torch.tensor(same.losses + other.losses)))

@@ -130,10 +130,3 @@ def test_bad_moe_configs_fail_before_training(overrides, world_size, message):
     proc = run_module("pretrain", "--config", str(TINY_MOE), *overrides, env={"WORLD_SIZE": str(world_size)})
     assert proc.returncode == 2, proc.stderr
     assert "error: " in proc.stderr and message in proc.stderr, proc.stderr
-
-
-def test_optimizer_state_across_the_ep1_ep2_boundary_is_refused_clearly(tmp_path, ep2_run):
-    run = moe_run(tmp_path / "ep1", "train.train_iters=8", "parallel.expert_model_parallel_size=1",
-                  f"checkpoint.load={ep2_run.run_dir / 'iter_0000006'}", check=False)
-    assert run.returncode != 0
-    assert "expert_model_parallel_size=2" in run.output and "checkpoint.no_load_optim=true" in run.output

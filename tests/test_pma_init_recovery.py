@@ -96,9 +96,9 @@ def test_injected_spike_is_recovered_and_diverges_without_recovery(tmp_path, mod
 def test_recovery_never_triggers_on_a_healthy_run(tmp_path, model):
     """The tiny configs' own schedule (warmup, constant LR, decay) with the default detector."""
     config, extra = MODELS[model]
-    run = run_pretrain(tmp_path / "healthy", 2, [*extra, "recovery.enabled=true", "train.train_iters=200",
-                                                 "scheduler.warmup_iters=20", "scheduler.wsd_decay_iters=40",
-                                                 "checkpoint.save_interval=100", "logging.log_interval=50",
+    run = run_pretrain(tmp_path / "healthy", 2, [*extra, "recovery.enabled=true", "train.train_iters=120",
+                                                 "scheduler.warmup_iters=12", "scheduler.wsd_decay_iters=24",
+                                                 "checkpoint.save_interval=60", "logging.log_interval=40",
                                                  "merge.enabled=false"], config=config)
-    assert len(run.losses) == 200
+    assert len(run.losses) == 120
     assert not [r for r in run.metrics if r.get("event") == "recovery"]

@@ -150,12 +150,9 @@ def test_bf16_with_distributed_optimizer_resumes_exactly_and_merges_master_weigh
     master = f"optimizer.state.param.{key}"
     assert load_full(out, key).dtype == torch.bfloat16 and load_full(out, master).dtype == torch.float32
     assert torch.equal(load_full(out, master), reference_merge(inputs, master, [1 / 3] * 3))
-    # Loaded with its optimizer state, the merged checkpoint trains on from the merged weights
-    # (not from the newest input's master weights): iteration 13 differs from the raw run's.
-    merged_cont = run_pretrain(tmp_path / "cont", 2, [*common, "train.train_iters=13", f"checkpoint.load={out}"])
-    raw_cont = run_pretrain(tmp_path / "raw", 2, [*common, "train.train_iters=13",
-                                                  f"checkpoint.load={tmp_path / 'whole'}"])
-    assert merged_cont.losses[0] != pytest.approx(raw_cont.losses[0], rel=1e-4)
+    # Loaded with its optimizer state, the merged checkpoint trains on from the merged master
+    # weights, not from the newest input's: one step later they are still next to the merge.
+    run_pretrain(tmp_path / "cont", 2, [*common, "train.train_iters=13", f"checkpoint.load={out}"])
     saved = load_full(tmp_path / "cont" / "iter_0000013", master)
     assert (saved - load_full(out, master)).abs().max() < 0.1  # one small step from the merge
     assert (saved - load_full(inputs[-1], master)).abs().max() > (saved - load_full(out, master)).abs().max()
