@@ -97,6 +97,19 @@ def test_checkpoints_load_across_expert_parallel_sizes(tmp_path, ep1_run, ep2_ru
     assert at_ep2.losses == pytest.approx(ep1_run.losses[6:8], rel=1e-5)
 
 
+def test_dp_reshardable_optimizer_state_across_the_ep_boundary_is_refused_clearly(tmp_path):
+    """The distributed optimizer's dp_reshardable format keys state per optimizer of the chain,
+    so it cannot cross EP=2 -> EP=1: a clear error naming the checkpoint, before training."""
+    dist = ["train.train_iters=8", "checkpoint.save_interval=4", "parallel.use_distributed_optimizer=true",
+            "checkpoint.optimizer_sharding=dp_reshardable"]
+    moe_run(tmp_path / "ep2", *dist, "parallel.expert_model_parallel_size=2")
+    run = moe_run(tmp_path / "ep1", *dist, "parallel.expert_model_parallel_size=1",
+                  f"checkpoint.load={tmp_path / 'ep2' / 'iter_0000004'}", check=False)
+    assert run.returncode != 0
+    assert f"error: {tmp_path / 'ep2' / 'iter_0000004'}: distributed-optimizer state" in run.output
+    assert "checkpoint.no_load_optim=true" in run.output and not (tmp_path / "ep1" / "iter_0000008").exists()
+
+
 def test_allgather_dispatcher_matches_alltoall(tmp_path, ep2_run):
     run = moe_run(tmp_path / "ag", "train.train_iters=4", f"scheduler.decay_iters={ITERS}",
                   "parallel.expert_model_parallel_size=2",
