@@ -34,6 +34,7 @@ piece size, independent of model size.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
@@ -67,6 +68,24 @@ def resolve_accumulate_dtype(name: str) -> torch.dtype:
         raise MergeError(
             f"accumulate dtype must be one of {sorted(ACCUMULATE_DTYPES)}, got {name!r}"
         ) from None
+
+
+# Intra-op threads for the merge arithmetic (per process; --workers adds processes). The merge
+# is bound by I/O and memory bandwidth, and its elementwise ops run on ~1 MiB blocks (see
+# _row_blocks), where more threads only add fork/join cost -- and on shared CPUs each op waits
+# for its slowest, descheduled thread: 2 threads ran 10x slower than 1 on a loaded 2-core host.
+MERGE_THREADS = 1
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run torch ops on ``threads`` intra-op threads inside the block, then restore."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def merge_piece(

@@ -26,7 +26,6 @@ Two steps:
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import json
 import logging
@@ -44,12 +43,14 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from tqdm import tqdm
 
 from megatron_merge.accumulate import (
+    MERGE_THREADS,
     PieceBuffers,
     PiecePart,
     merge_piece,
     numel,
     region_within,
     resolve_accumulate_dtype,
+    torch_threads,
 )
 from megatron_merge.atomic_output import atomic_output_dir, check_output_path
 from megatron_merge.errors import MergeError
@@ -85,11 +86,6 @@ COMMON_OPTIMIZER_KEYS = ("optimizer", "opt_param_scheduler", "merge_state_meta")
 
 MERGE, COPY, DROP = "merge", "copy", "drop"
 
-# Intra-op threads for the merge arithmetic (per process; --workers adds processes). The merge
-# is bound by I/O and memory bandwidth, and its elementwise ops run on ~1 MiB blocks (see
-# accumulate), where more threads only add fork/join cost -- and on shared CPUs each op waits
-# for its slowest, descheduled thread: 2 threads ran 10x slower than 1 on a loaded 2-core host.
-MERGE_THREADS = 1
 # Input bytes the merge asks the kernel to read ahead of the chunk it is merging (see
 # _Readahead): enough to cover a few chunks' merge time, small next to any page cache.
 READAHEAD_BYTES = 256 * 2**20
@@ -535,7 +531,7 @@ def execute_plan(
                 plan.checkpoints, plan.weights, resolve_accumulate_dtype(plan.accumulate_dtype),
                 allow_nonfinite, out_dir, plan.ema_alpha,
             )
-            with _torch_threads(MERGE_THREADS):
+            with torch_threads(MERGE_THREADS):
                 for file_plan in plan.files:
                     storage_data.update(write_output_file(ctx, file_plan, on_item=bar.update))
         else:
@@ -564,19 +560,7 @@ def _write_common_without_optimizer(newest: TorchDistCheckpoint, target: Path) -
     torch.save(common, target)
 
 
-@contextlib.contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
-    """Run torch ops on ``threads`` intra-op threads inside the block, then restore."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _run_workers(plan, out_dir, workers, allow_nonfinite, bar) -> dict:
-    threads = MERGE_THREADS
     # Largest files first, so the pool finishes evenly.
     files = sorted(plan.files, key=lambda f: f.nbytes, reverse=True)
     storage_data = {}
@@ -586,7 +570,7 @@ def _run_workers(plan, out_dir, workers, allow_nonfinite, bar) -> dict:
         initializer=_init_worker,
         initargs=(
             [str(c.path) for c in plan.checkpoints], plan.weights, plan.accumulate_dtype,
-            allow_nonfinite, str(out_dir), threads, plan.ema_alpha,
+            allow_nonfinite, str(out_dir), MERGE_THREADS, plan.ema_alpha,
         ),
     ) as pool:
         futures = {pool.submit(_write_file_in_worker, f): f for f in files}

@@ -51,14 +51,7 @@ def verify_merge(plan, out_dir: str | Path, samples: int = 8, seed: int = 0,
         for i, (ckpt, weight) in enumerate(zip(plan.checkpoints, plan.weights)):
             whole = _load_whole(ckpt.path, key, meta)
             for acc, item in zip(expected, items):
-                x = whole[_box(item)].to(acc_dtype)
-                if plan.ema_alpha is None:  # sum_i w_i x_i
-                    acc.add_(x * torch.tensor(weight, dtype=acc_dtype))
-                elif i == 0:  # the EMA recursion
-                    acc.copy_(x)
-                else:
-                    a = torch.tensor(plan.ema_alpha, dtype=acc_dtype)
-                    acc.copy_(x * a + acc * torch.tensor(1.0 - plan.ema_alpha, dtype=acc_dtype))
+                reference_step(acc, whole[_box(item)], i, weight, plan.ema_alpha)
             del whole
         merged = _load_whole(out_dir, key, meta)
         for acc, item in zip(expected, items):
@@ -70,6 +63,21 @@ def verify_merge(plan, out_dir: str | Path, samples: int = 8, seed: int = 0,
                 )
     logger.info("verified %d merged chunks of %s", len(chosen), out_dir)
     return len(chosen)
+
+
+def reference_step(acc: torch.Tensor, x: torch.Tensor, i: int, weight: float,
+                   ema_alpha: float | None) -> None:
+    """Add input ``i`` (oldest first) to the independently recomputed merge ``acc``, by the
+    documented formula in ``acc``'s dtype: ``sum_i w_i x_i``, or for EMA the recursion
+    ``M = x_1``, then ``M = a x_i + (1 - a) M``. Written apart from the merge loop on purpose."""
+    x = x.detach().to(acc.dtype)
+    if ema_alpha is None:
+        acc.add_(x * torch.tensor(weight, dtype=acc.dtype))
+    elif i == 0:
+        acc.copy_(x)
+    else:
+        a = torch.tensor(ema_alpha, dtype=acc.dtype)
+        acc.copy_(x * a + acc * torch.tensor(1.0 - ema_alpha, dtype=acc.dtype))
 
 
 def _box(item) -> tuple[slice, ...]:

@@ -41,9 +41,16 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from megatron_merge.accumulate import PiecePart, merge_piece, resolve_accumulate_dtype
-from megatron_merge.record import MERGE_RECORD_FILE, input_entries, record_header
+from megatron_merge.accumulate import (
+    MERGE_THREADS,
+    PiecePart,
+    merge_piece,
+    resolve_accumulate_dtype,
+    torch_threads,
+)
 from megatron_merge.errors import MergeError
+from megatron_merge.record import MERGE_RECORD_FILE, input_entries, record_header
+from megatron_merge.verify import reference_step
 
 logger = logging.getLogger(__name__)
 
@@ -660,11 +667,9 @@ def execute_rank_file_plan(plan: RankFileMergePlan, out_dir: str | Path, *, work
     )
     with bar:
         if workers <= 1 or len(plan.files) <= 1:
-            from megatron_merge.offline import MERGE_THREADS, _torch_threads
-
             ctx = _Context(plan.checkpoints, plan.weights, resolve_accumulate_dtype(plan.accumulate_dtype),
                            allow_nonfinite, out_dir, plan.ema_alpha)
-            with _torch_threads(MERGE_THREADS):
+            with torch_threads(MERGE_THREADS):
                 for file_plan in plan.files:
                     write_rank_file(ctx, file_plan)
                     bar.update(file_plan.nbytes)
@@ -680,16 +685,13 @@ def execute_rank_file_plan(plan: RankFileMergePlan, out_dir: str | Path, *, work
 
 
 def _run_workers(plan: RankFileMergePlan, out_dir: Path, workers: int, allow_nonfinite: bool, bar) -> None:
-    from megatron_merge.offline import MERGE_THREADS
-
-    threads = MERGE_THREADS
     files = sorted(plan.files, key=lambda f: f.nbytes, reverse=True)  # largest first
     with concurrent.futures.ProcessPoolExecutor(
         max_workers=min(workers, len(files)),
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
         initargs=(plan.format, [str(c.path) for c in plan.checkpoints], plan.weights,
-                  plan.accumulate_dtype, allow_nonfinite, str(out_dir), threads, plan.ema_alpha),
+                  plan.accumulate_dtype, allow_nonfinite, str(out_dir), MERGE_THREADS, plan.ema_alpha),
     ) as pool:
         futures = {pool.submit(_write_in_worker, f): f for f in files}
         try:
@@ -772,14 +774,7 @@ def verify_rank_file_merge(plan: RankFileMergePlan, out_dir: str | Path, samples
         for i, (ckpt, weight) in enumerate(zip(plan.checkpoints, plan.weights)):
             tree = ckpt.load(file_plan.name, mmap=False)
             for acc, slot in zip(expected, mine):
-                x = get_at(tree, slot.path).detach().to(acc_dtype)
-                if plan.ema_alpha is None:  # sum_i w_i x_i
-                    acc.add_(x * torch.tensor(weight, dtype=acc_dtype))
-                elif i == 0:  # the EMA recursion
-                    acc.copy_(x)
-                else:
-                    a = torch.tensor(plan.ema_alpha, dtype=acc_dtype)
-                    acc.copy_(x * a + acc * torch.tensor(1.0 - plan.ema_alpha, dtype=acc_dtype))
+                reference_step(acc, get_at(tree, slot.path), i, weight, plan.ema_alpha)
             if ckpt is newest:
                 padding = [get_at(tree, s.path) for s in mine]
             del tree
