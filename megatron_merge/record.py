@@ -8,6 +8,7 @@ and adds what is particular to it.
 from __future__ import annotations
 
 import datetime
+import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -37,3 +38,14 @@ def input_entries(refs, weights: Sequence[float]) -> list[dict]:
     """``inputs`` of a record from checkpoint references (``.path``, ``.iteration``)."""
     return [{"path": str(ref.path.resolve()), "iteration": ref.iteration, "weight": w}
             for ref, w in zip(refs, weights)]
+
+
+def read_record(directory: Path) -> dict:
+    """The ``merge.json`` beside a merged checkpoint, or ``{}`` for a checkpoint without one."""
+    path = Path(directory) / MERGE_RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def input_iterations(record: dict) -> list:
+    """The iterations a record says were merged, oldest first."""
+    return [entry.get("iteration") for entry in record.get("inputs", [])]

@@ -77,14 +77,13 @@ class _NoOptimizer:
 
 
 def _merge_description(directory: Path) -> dict:
-    from pretrain.merging import MERGE_RECORD_FILE
+    """The method and inputs of a merged checkpoint (from its merge.json); {} for a raw one."""
+    from megatron_merge.record import input_iterations, read_record
 
-    path = directory / MERGE_RECORD_FILE
-    if not path.is_file():
+    record = read_record(directory)
+    if not record:
         return {}
-    record = json.loads(path.read_text())
-    return {"merge_method": record.get("method"),
-            "merged_iterations": [i.get("iteration") for i in record.get("inputs", [])]}
+    return {"merge_method": record.get("method"), "merged_iterations": input_iterations(record)}
 
 
 def evaluate_checkpoints(cfg: RunConfig, checkpoints: list[Path], out: Optional[Path] = None) -> list[dict]:

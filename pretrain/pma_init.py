@@ -10,14 +10,14 @@ Unlike ``checkpoint.load`` (resume the same run), this starts a new phase: a fre
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
+from megatron_merge.record import input_iterations, read_record
 from megatron_merge.selection import select_checkpoints
 from pretrain import checkpoint as ckpt
 from pretrain.config import RunConfig
-from pretrain.merging import MERGE_RECORD_FILE, install_merged_checkpoints, reset_optimizer_state
+from pretrain.merging import install_merged_checkpoints, reset_optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +56,8 @@ def initialize_from(cfg: RunConfig, model, optimizer, scheduler) -> tuple[ckpt.T
 
 def _described_by_merge_record(directory: Path) -> dict:
     """What a merged checkpoint's merge.json says about its inputs, if it has one."""
-    path = Path(directory) / MERGE_RECORD_FILE
-    if not path.is_file():
+    record = read_record(directory)
+    if not record:
         return {"method": None, "iterations": None, "weights": None}
-    merge = json.loads(path.read_text())
-    return {"method": merge.get("method"), "weights": merge.get("weights"),
-            "iterations": [i.get("iteration") for i in merge.get("inputs", [])]}
+    return {"method": record.get("method"), "weights": record.get("weights"),
+            "iterations": input_iterations(record)}
