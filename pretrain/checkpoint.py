@@ -403,10 +403,10 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
         )
     # megatron-core chains separate dense and expert optimizers only at EP > 1: across that
     # boundary the optimizer's non-tensor part is rebuilt for this run (see _adopt_optimizer_common).
-    rechain = has_optimizer and len(_optimizer_parts(common.get("optimizer", {}))) != _chained_count(optimizer)
+    saved_optimizer_parts = _optimizer_parts(common.get("optimizer", {}))
+    rechain = has_optimizer and len(saved_optimizer_parts) != _chained_count(optimizer)
     if rechain and cfg.parallel.use_distributed_optimizer and any(
-            part.get("param_state_sharding_type") != "fully_reshardable"
-            for part in _optimizer_parts(common.get("optimizer", {}))):
+            part.get("param_state_sharding_type") != "fully_reshardable" for part in saved_optimizer_parts):
         saved_ep = (saved_layout or {}).get("expert_model_parallel_size", 1)
         raise CheckpointError(
             f"{directory}: distributed-optimizer state saved at expert_model_parallel_size={saved_ep} in a format "

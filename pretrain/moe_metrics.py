@@ -33,6 +33,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from pretrain.batches import microbatches_per_step
 from pretrain.config import RunConfig
+from pretrain.platform import collective_device
 
 # layer_number -> tokens routed to each expert by this rank during the current step's training forwards.
 _TOKENS_PER_EXPERT: dict = {}
@@ -90,7 +91,7 @@ def step_metrics(cfg: RunConfig) -> dict:
         return {}
     num_layers, num_experts = cfg.model.num_layers, cfg.moe.num_experts
     names = tracked_losses(cfg)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = collective_device()
     tracker = get_moe_layer_wise_logging_tracker()
 
     # One buffer, three reductions: [losses (len(names) x L) | tokens (L x E)].

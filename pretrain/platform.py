@@ -44,6 +44,12 @@ def select_device(cfg: RunConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def collective_device() -> torch.device:
+    """Where small tensors for collectives (loss sums, flags, metrics) must live: NCCL takes
+    CUDA tensors only; on CPUs gloo (and cpu_compat's CUDA calls) use the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _free_port() -> int:
     import socket
 

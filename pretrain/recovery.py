@@ -28,6 +28,7 @@ from megatron_merge.selection import saved_iterations
 from pretrain import checkpoint as ckpt
 from pretrain.config import RunConfig
 from pretrain.merging import install_merged_checkpoints, reset_optimizer_state
+from pretrain.platform import collective_device
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class LossSpikeRecovery:
         # [decide, -(first spiking iteration)]: one MAX all-reduce gives "any rank" and the
         # earliest start seen by any rank (so no checkpoint saved during the spike counts as good).
         flag = torch.tensor([1.0 if local else 0.0, -float(self.spike_start) if local else -math.inf],
-                            dtype=torch.float64, device=_collective_device())
+                            dtype=torch.float64, device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag[0] > 0:
             self.spike_start = int(-flag[1])
@@ -142,7 +143,3 @@ class LossSpikeRecovery:
                        state.iteration, self.reason, restored.iteration, record["method"], good)
         self.consecutive, self.spike_start = 0, None
         return ckpt.TrainState(iteration=restored.iteration, consumed_samples=consumed), record
-
-
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

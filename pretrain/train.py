@@ -40,7 +40,7 @@ from pretrain.metrics import MetricsLogger
 from pretrain.pma_init import initialize_from
 from pretrain.recovery import LossSpikeRecovery
 from pretrain.model import build_model
-from pretrain.platform import Platform, init_distributed
+from pretrain.platform import Platform, collective_device, init_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -187,13 +187,11 @@ def _reduce_loss(reports: list) -> Optional[float]:
     total = torch.zeros(2, dtype=torch.float64)
     for report in reports:
         total += report["lm loss"].detach().to("cpu", torch.float64)
-    total = total.to(_collective_device())
+    total = total.to(collective_device())
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     return float(total[0] / total[1].clamp(min=1))
 
 
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _run_schedule(model, microbatches: list, cfg: RunConfig, forward_only: bool) -> list:
@@ -210,7 +208,8 @@ def _run_schedule(model, microbatches: list, cfg: RunConfig, forward_only: bool)
 
 
 def train_step(model, optimizer, scheduler, microbatches: list, cfg: RunConfig):
-    """Forward/backward over one global batch, then an optimizer step; returns (loss, grad_norm, skipped)."""
+    """Forward/backward over one global batch, then an optimizer step; returns (loss, grad_norm, skipped)
+    with the gradient norm as a float (None when the optimizer does not compute one)."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -218,7 +217,7 @@ def train_step(model, optimizer, scheduler, microbatches: list, cfg: RunConfig):
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)
-    return _reduce_loss(reports), grad_norm, not update_successful
+    return _reduce_loss(reports), None if grad_norm is None else float(grad_norm), not update_successful
 
 
 @torch.no_grad()
@@ -353,7 +352,7 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
                 "iteration": state.iteration,
                 "loss": loss,
                 "lr": lr,
-                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_step / elapsed,
                 "iteration_time_s": elapsed,
                 "consumed_samples": state.consumed_samples,
@@ -366,7 +365,7 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
             metrics.log(record, stdout=_format_step(record, t.train_iters) if show else None)
             summary.losses.append(loss)
 
-        if recovery is not None and recovery.spike_detected(state.iteration, loss, _finite_or_none(grad_norm)):
+        if recovery is not None and recovery.spike_detected(state.iteration, loss, grad_norm):
             state, event = recovery.recover(model, optimizer, scheduler, merger, state)
             metrics.log(event, stdout=f"iter {event['iteration']:6d} | loss spike ({event['reason']}): rolled back "
                                       f"to iteration {event['restored_iteration']} with the {event['method']} of "
@@ -419,10 +418,6 @@ class LrSpikeInjection:
         self.done.add(iteration)  # a run that rolls back past it trains through it normally
         for group in optimizer.param_groups:
             group["lr"] *= self.factor
-
-
-def _finite_or_none(value) -> Optional[float]:
-    return None if value is None else float(value)
 
 
 def _peak_rss_mib() -> float:
