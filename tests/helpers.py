@@ -1,4 +1,5 @@
-"""Shared test utilities: launching real torchrun jobs of ``python -m pretrain``."""
+"""Shared test utilities: launching real torchrun jobs of ``python -m pretrain``, and measuring
+the peak memory of a ``megatron-merge`` run."""
 
 from __future__ import annotations
 
@@ -82,3 +83,24 @@ def run_module(module: str, *args: str, env: Optional[dict] = None, timeout: int
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# Runs the megatron-merge CLI in a fresh interpreter and prints its peak resident memory.
+_PEAK_RSS_SCRIPT = """
+import re, sys
+from megatron_merge.cli import main
+code = main(sys.argv[1:])
+status = open("/proc/self/status").read()
+print("PEAK_RSS_KB", re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1))
+sys.exit(code)
+"""
+
+
+def peak_rss_of_merge(inputs, out) -> int:
+    """Peak RSS in bytes (Linux VmHWM) of ``megatron-merge --out out inputs...`` in its own process."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_SCRIPT, "--no-progress", "--out", str(out), *map(str, inputs)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.split("PEAK_RSS_KB")[1].split()[0]) * 1024

@@ -22,8 +22,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -31,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, run_pretrain
+from helpers import peak_rss_of_merge, run_pretrain
 from megatron_merge import cli
 from megatron_merge.errors import MergeError
 from megatron_merge.offline import merge_checkpoints
@@ -347,16 +345,6 @@ _TENSOR_ELEMS = 1 << 21  # 8 MiB of fp32 per rank file
 _N_RANKS = 16
 
 # VmHWM is this process's own peak RSS (ru_maxrss would include the forking parent's).
-_PEAK_RSS_SCRIPT = """
-import re, sys
-from megatron_merge.cli import main
-code = main(sys.argv[1:])
-status = open("/proc/self/status").read()
-print("PEAK_RSS_KB", re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1))
-sys.exit(code)
-"""
-
-
 def _write_tp_checkpoint(path: Path, seed: int, tp: int, elems: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for rank in range(tp):
@@ -364,15 +352,6 @@ def _write_tp_checkpoint(path: Path, seed: int, tp: int, elems: int) -> None:
         torch.save({"args": {"tensor_model_parallel_size": tp}, "iteration": seed,
                     "model": {"decoder.weight": torch.randn(elems // 1024, 1024, generator=gen)}},
                    path / f"mp_rank_{rank:02d}" / MODEL_FILE)
-
-
-def _peak_rss_of_merge(inputs, out) -> int:
-    proc = subprocess.run(
-        [sys.executable, "-c", _PEAK_RSS_SCRIPT, "--no-progress", "--out", str(out), *map(str, inputs)],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return int(proc.stdout.split("PEAK_RSS_KB")[1].split()[0]) * 1024
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
@@ -384,8 +363,8 @@ def test_peak_memory_is_bounded_by_one_rank_file(tmp_path):
     for i, path in enumerate(big):
         _write_tp_checkpoint(path, i + 1, tp=_N_RANKS, elems=_TENSOR_ELEMS)
     file_bytes = _TENSOR_ELEMS * 4
-    baseline = _peak_rss_of_merge(small, tmp_path / "small_out")
-    peak = _peak_rss_of_merge(big, tmp_path / "big_out")
+    baseline = peak_rss_of_merge(small, tmp_path / "small_out")
+    peak = peak_rss_of_merge(big, tmp_path / "big_out")
     growth = peak - baseline
     # Per file: the merged tensor, accumulator and converted term, and the two memory-mapped
     # inputs' pages -- about 5 files' worth, plus what glibc keeps of freed 8 MiB blocks. One

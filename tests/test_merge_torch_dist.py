@@ -190,6 +190,7 @@ from megatron_merge import cli  # noqa: E402
 from megatron_merge.errors import MergeError  # noqa: E402
 from megatron_merge.offline import merge_checkpoints  # noqa: E402
 from megatron_merge.weights import merge_weights  # noqa: E402
+from helpers import peak_rss_of_merge  # noqa: E402
 from merge_reference import load_full, reference_merge  # noqa: E402
 
 
@@ -578,25 +579,6 @@ def _write_plain_dcp(path: Path, seed: int, n_chunks: int, chunk_elems: int) -> 
 
 
 # VmHWM is this process's own peak RSS (ru_maxrss would include the forking parent's).
-_PEAK_RSS_SCRIPT = """
-import re, sys
-from megatron_merge.cli import main
-code = main(sys.argv[1:])
-status = open("/proc/self/status").read()
-print("PEAK_RSS_KB", re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1))
-sys.exit(code)
-"""
-
-
-def _peak_rss_of_merge(inputs, out) -> int:
-    proc = subprocess.run(
-        [sys.executable, "-c", _PEAK_RSS_SCRIPT, "--no-progress", "--out", str(out), *map(str, inputs)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return int(proc.stdout.split("PEAK_RSS_KB")[1].split()[0]) * 1024
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_peak_memory_is_bounded_by_the_largest_chunk(tmp_path):
     small = [tmp_path / f"small/iter_000000{i}" for i in (1, 2)]
@@ -609,8 +591,8 @@ def test_peak_memory_is_bounded_by_the_largest_chunk(tmp_path):
     input_bytes = sum(f.stat().st_size for p in big for f in p.glob("*.distcp"))
     assert input_bytes >= 2 * _N_CHUNKS * chunk_bytes
 
-    baseline = _peak_rss_of_merge(small, tmp_path / "small_out")
-    peak = _peak_rss_of_merge(big, tmp_path / "big_out")
+    baseline = peak_rss_of_merge(small, tmp_path / "small_out")
+    peak = peak_rss_of_merge(big, tmp_path / "big_out")
     growth = peak - baseline
     # The working set is ~4 chunks (accumulator, converted term, loaded chunk, read buffers);
     # glibc keeps some freed 8 MiB blocks (below its mmap threshold) resident, so allow 12.
