@@ -35,7 +35,6 @@ import os
 import platform
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -166,12 +165,14 @@ class Runner:
 
     def torchrun(self, module_args: list[str], log_file: Path, echo=lambda line: False) -> float:
         """``torchrun --nproc-per-node N <module_args>``; output to ``log_file``, selected lines echoed."""
+        from pretrain.platform import free_port
+
         shown = ["torchrun", "--nproc-per-node", str(self.nproc), *module_args]
         command = " ".join(shlex.quote(_rel(a)) for a in shown)
         self.commands.append(command)
         self.log.info("[%s] $ %s", self.elapsed(), command)
         args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(self.nproc),
-                "--master-port", str(_free_port()), *module_args]
+                "--master-port", str(free_port()), *module_args]
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         log_file.parent.mkdir(parents=True, exist_ok=True)
         began = time.perf_counter()
@@ -190,12 +191,6 @@ class Runner:
             tail = "".join(log_file.read_text().splitlines(keepends=True)[-40:])
             raise SystemExit(f"command failed ({proc.returncode}), log {log_file}:\n{tail}")
         return seconds
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rel(arg: str) -> str:

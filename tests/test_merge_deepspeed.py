@@ -17,13 +17,14 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import free_port
 
 WORLD_SIZE = 2
 SAVE_STEPS = (2, 4, 6)
@@ -133,12 +134,6 @@ def _load_worker(rank: int, port: int, jobs: list) -> None:
             torch.save(result, result_file)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_spawned(mode: str, jobs: list, timeout: int = 300) -> None:
     spec = json.dumps({"mode": mode, "jobs": jobs})
     proc = subprocess.run([sys.executable, __file__, spec], capture_output=True, text=True,
@@ -152,7 +147,7 @@ if __name__ == "__main__":
 
     spec = json.loads(sys.argv[1])
     worker = {"save": _save_worker, "load": _load_worker}[spec["mode"]]
-    mp.spawn(worker, args=(_free_port(), spec["jobs"]), nprocs=WORLD_SIZE)
+    mp.spawn(worker, args=(free_port(), spec["jobs"]), nprocs=WORLD_SIZE)
     sys.exit(0)
 
 

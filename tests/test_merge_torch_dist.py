@@ -18,7 +18,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import warnings
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import free_port, peak_rss_of_merge
 
 WORLD_SIZE = 2
 ITERATIONS = (10, 20, 30, 40)
@@ -155,12 +156,6 @@ def _load_worker(rank, port, jobs):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_spawned(mode: str, jobs: list, timeout: int = 300) -> None:
     """Run ``_save_worker`` / ``_load_worker`` on 2 gloo ranks in a fresh interpreter."""
     spec = json.dumps({"mode": mode, "jobs": jobs})
@@ -176,7 +171,7 @@ if __name__ == "__main__":
 
     spec = json.loads(sys.argv[1])
     worker = {"save": _save_worker, "load": _load_worker}[spec["mode"]]
-    mp.spawn(worker, args=(_free_port(), spec["jobs"]), nprocs=WORLD_SIZE)
+    mp.spawn(worker, args=(free_port(), spec["jobs"]), nprocs=WORLD_SIZE)
     sys.exit(0)
 
 
@@ -190,7 +185,6 @@ from megatron_merge import cli  # noqa: E402
 from megatron_merge.errors import MergeError  # noqa: E402
 from megatron_merge.offline import merge_checkpoints  # noqa: E402
 from megatron_merge.weights import merge_weights  # noqa: E402
-from helpers import peak_rss_of_merge  # noqa: E402
 from merge_reference import load_full, reference_merge  # noqa: E402
 
 
