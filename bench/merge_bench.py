@@ -121,6 +121,13 @@ def _rank_state_dict(layout, dtype, rank: int, seed: int) -> dict:
 
 def _save_rank(rank: int, port: int, jobs: list, dtype_name: str) -> None:
     """One spawned gloo rank: ``dist_checkpointing.save`` every checkpoint in ``jobs``."""
+    from pretrain.platform import process_group_teardown
+
+    with process_group_teardown():
+        _save_checkpoints(rank, port, jobs, dtype_name)
+
+
+def _save_checkpoints(rank: int, port: int, jobs: list, dtype_name: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -140,7 +147,6 @@ def _save_rank(rank: int, port: int, jobs: list, dtype_name: str) -> None:
         dist.barrier()
         dist_checkpointing.save(_rank_state_dict(layout, dtype, rank, seed), path)
         dist.barrier()
-    dist.destroy_process_group()
 
 
 def write_synthetic(root: Path, inputs: int, total_bytes: int, dtype: str) -> list[Path]:
@@ -515,7 +521,10 @@ def main(argv=None) -> None:
     if args._generate:
         return _generate_main(json.loads(args._generate))
     if args._measure:
-        return _measure_main(json.loads(args._measure))
+        from pretrain.platform import process_group_teardown
+
+        with process_group_teardown():  # the naive method starts a world of one
+            return _measure_main(json.loads(args._measure))
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="merge_bench_"))
     scratch = root / "outputs"

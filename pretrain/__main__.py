@@ -54,23 +54,22 @@ def main(argv=None) -> int:
         print(f"config OK for world size {world_size}")
         return 0
 
-    from pretrain.platform import shutdown
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.platform import process_group_teardown
     from pretrain.summary import print_summary
     from pretrain.train import pretrain
 
-    from pretrain.checkpoint import CheckpointError
-
-    try:
-        summary = pretrain(cfg)
-    except (CheckpointError, ConfigError, FileNotFoundError) as exc:  # bad input: the message says it all
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:
-        logging.getLogger("pretrain").error("training failed", exc_info=True)
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print_summary(cfg, summary)
-    shutdown()
+    with process_group_teardown():  # on success, error and SIGTERM alike
+        try:
+            summary = pretrain(cfg)
+        except (CheckpointError, ConfigError, FileNotFoundError) as exc:  # bad input: the message says it all
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except Exception as exc:
+            logging.getLogger("pretrain").error("training failed", exc_info=True)
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print_summary(cfg, summary)
     return 0
 
 

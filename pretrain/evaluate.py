@@ -153,14 +153,14 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from pretrain.platform import shutdown
+    from pretrain.platform import process_group_teardown
 
-    try:
-        evaluate_checkpoints(cfg, checkpoints, Path(args.out) if args.out else None)
-    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    shutdown()
+    with process_group_teardown():  # on success, error and SIGTERM alike
+        try:
+            evaluate_checkpoints(cfg, checkpoints, Path(args.out) if args.out else None)
+        except (CheckpointError, ConfigError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -8,10 +8,14 @@ megatron-core builds anything.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -103,13 +107,43 @@ def init_distributed(cfg: RunConfig) -> Platform:
 
 
 def shutdown() -> None:
-    """Tear down megatron-core's groups and the default process group."""
+    """Tear down megatron-core's groups and every torch.distributed process group (idempotent)."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # all groups, including those made by other libraries (DeepSpeed)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM kills at once
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def process_group_teardown() -> Iterator[None]:
+    """Destroy every process group when the block ends, however it ends.
+
+    Use it around (or as a decorator of) any code that creates a process group: training,
+    evaluation, spawned test and benchmark workers. It runs the teardown on return, on an
+    exception, and on SIGTERM (what torchrun and ``mp.spawn`` send to the surviving workers
+    when one fails), which it turns into ``SystemExit(143)``; SIGINT already unwinds as
+    ``KeyboardInterrupt``. A gloo group still alive at interpreter exit has worker threads
+    holding Python objects, and finalization then aborts the process now and then with
+    ``terminate called without an active exception`` after all its work is done.
+    """
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        try:
+            shutdown()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def transformer_engine_available() -> bool:

@@ -13,8 +13,11 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 
 
 def run_ranks(tmp_path, code: str, nproc: int) -> subprocess.CompletedProcess:
+    """Run ``code`` on ``nproc`` torchrun ranks, its process groups torn down however it ends."""
     script = tmp_path / "ranks.py"
-    script.write_text(textwrap.dedent(code))
+    body = textwrap.indent(textwrap.dedent(code), "    ")
+    script.write_text(f"from pretrain.platform import process_group_teardown\n"
+                      f"with process_group_teardown():\n{body}")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                            "--master-port", str(free_port()), str(script)],
                           cwd=REPO, capture_output=True, text=True, timeout=180)
@@ -118,7 +121,6 @@ def test_uneven_gather_and_reduce_scatter_on_gloo(tmp_path):
         assert hasattr(mappings._gather_along_first_dim, "__wrapped__")  # the CPU layer's wrapper is installed
         dist.barrier()
         print(f"rank {rank} ok")
-        dist.destroy_process_group()
     """, nproc=3)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(" ok") == 3

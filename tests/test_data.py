@@ -24,6 +24,7 @@ from pretrain.data import (
 )
 from pretrain.data import corpus as corpus_mod
 from pretrain.data.preprocess import main as preprocess_main
+from pretrain.platform import process_group_teardown
 
 NON_ASCII = "naïve café — 日本語のテキスト 🎉 Ελληνικά"
 
@@ -301,17 +302,15 @@ def test_missing_or_bad_data_fails_clearly(tmp_path):
         build_gpt_datasets(tok, 16, blend=[tiny], split="train", train_samples=10)
 
 
+@process_group_teardown()
 def _build_in_process_group(rank, world, init_file, blend, cache, queue):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
-    try:
-        ds = build_gpt_datasets(ByteTokenizer(), 16, blend=blend, split="90,10,0",
-                                train_samples=100, valid_samples=10, index_cache_dir=cache)
-        queue.put((rank, [ds.train[i]["tokens"].tolist() for i in range(0, 100, 7)]))
-    finally:
-        dist.destroy_process_group()
+    ds = build_gpt_datasets(ByteTokenizer(), 16, blend=blend, split="90,10,0",
+                            train_samples=100, valid_samples=10, index_cache_dir=cache)
+    queue.put((rank, [ds.train[i]["tokens"].tolist() for i in range(0, 100, 7)]))
 
 
 def test_build_gpt_datasets_under_torch_distributed(tmp_path):

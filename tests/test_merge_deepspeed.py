@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from helpers import free_port
+from pretrain.platform import process_group_teardown
 
 WORLD_SIZE = 2
 SAVE_STEPS = (2, 4, 6)
@@ -108,6 +109,7 @@ def _init(rank: int, port: int) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
 
 
+@process_group_teardown()
 def _save_worker(rank: int, port: int, jobs: list) -> None:
     _init(rank, port)
     for save_dir, stage, width in jobs:
@@ -118,6 +120,7 @@ def _save_worker(rank: int, port: int, jobs: list) -> None:
                 engine.save_checkpoint(save_dir)
 
 
+@process_group_teardown()
 def _load_worker(rank: int, port: int, jobs: list) -> None:
     """Load merged checkpoints with DeepSpeed's own load_checkpoint, then train on."""
     _init(rank, port)
@@ -138,6 +141,7 @@ def _run_spawned(mode: str, jobs: list, timeout: int = 300) -> None:
     spec = json.dumps({"mode": mode, "jobs": jobs})
     proc = subprocess.run([sys.executable, __file__, spec], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **DS_ENV})
+    # Any non-zero exit fails, an abort after all results were written included: never retried.
     if proc.returncode != 0:
         raise AssertionError(f"spawned {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 

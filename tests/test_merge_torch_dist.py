@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from helpers import free_port, peak_rss_of_merge
+from pretrain.platform import process_group_teardown
 
 WORLD_SIZE = 2
 ITERATIONS = (10, 20, 30, 40)
@@ -120,6 +121,7 @@ def _sharded_state_dict(iteration, tp, rank, variant=None, model_only=False, wit
     return state
 
 
+@process_group_teardown()
 def _save_worker(rank, port, jobs):
     import torch.distributed as dist
 
@@ -132,13 +134,11 @@ def _save_worker(rank, port, jobs):
         dist.barrier()
         dist_checkpointing.save(_sharded_state_dict(iteration, tp, rank, variant), path)
         dist.barrier()
-    dist.destroy_process_group()
 
 
+@process_group_teardown()
 def _load_worker(rank, port, jobs):
     """Load merged checkpoints with megatron-core at a given layout; save each rank's tensors."""
-    import torch.distributed as dist
-
     _init_gloo(rank, port)
     from megatron.core import dist_checkpointing
 
@@ -153,7 +153,6 @@ def _load_worker(rank, port, jobs):
             "iteration": loaded.get("iteration"),
         }
         torch.save(result, f"{result_file}.rank{rank}")
-    dist.destroy_process_group()
 
 
 def _run_spawned(mode: str, jobs: list, timeout: int = 300) -> None:
@@ -162,6 +161,7 @@ def _run_spawned(mode: str, jobs: list, timeout: int = 300) -> None:
     proc = subprocess.run(
         [sys.executable, __file__, spec], capture_output=True, text=True, timeout=timeout,
     )
+    # Any non-zero exit fails, an abort after all results were written included: never retried.
     if proc.returncode != 0:
         raise AssertionError(f"spawned {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 

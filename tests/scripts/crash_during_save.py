@@ -9,6 +9,7 @@ import sys
 from megatron.core import dist_checkpointing
 
 from pretrain.config import load_config, validate
+from pretrain.platform import process_group_teardown
 from pretrain.train import pretrain
 
 if __name__ == "__main__":
@@ -26,4 +27,5 @@ if __name__ == "__main__":
     dist_checkpointing.save = save_then_crash
     cfg = load_config(sys.argv[1], sys.argv[2:])
     validate(cfg, world_size=int(os.environ["WORLD_SIZE"]))
-    pretrain(cfg)
+    with process_group_teardown():
+        pretrain(cfg)
