@@ -74,6 +74,13 @@ def read_tracker(root: str | Path) -> Optional[int]:
         raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}") from None
 
 
+def is_complete(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a whole saved checkpoint (torch_dist or legacy)."""
+    from pretrain.legacy_checkpoint import is_legacy_checkpoint
+
+    return (Path(directory) / "metadata.json").is_file() or is_legacy_checkpoint(directory)
+
+
 def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
     """Map ``checkpoint.load`` (a run directory, an ``iter_*`` directory or any checkpoint directory,
     e.g. a merge output) to (dir, iteration)."""
@@ -96,7 +103,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
     if iteration is None:
         raise CheckpointError(f"{path}: no {TRACKER_FILE} (not a run directory with a saved checkpoint)")
     directory = iteration_dir(path, iteration)
-    if not ((directory / "metadata.json").is_file() or is_legacy_checkpoint(directory)):
+    if not is_complete(directory):
         raise CheckpointError(f"{directory}: checkpoint named by {path / TRACKER_FILE} is missing or incomplete")
     return directory, iteration
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import signal
 import sys
 import types
 import typing
@@ -125,6 +126,15 @@ class TrainConfig:
     eval_iters: int = doc(4, "Validation batches (of global_batch_size) per evaluation.")
     device: Literal["auto", "cpu", "cuda"] = doc("auto", "auto = CUDA with NCCL when present, else CPU with gloo.")
     exit_on_nonfinite_loss: bool = doc(True, "Stop with an error when the loss becomes NaN/Inf.")
+    exit_signal_handler: bool = doc(
+        True, "On one of exit_signals every rank stops at the end of the current iteration, saves a checkpoint "
+        "and exits 0 (Megatron-LM's --exit-signal-handler); a second signal kills at once.",
+    )
+    exit_signals: list = doc(["SIGTERM", "SIGINT", "SIGUSR1"], "Signals that stop the run cleanly (names).")
+    exit_duration_mins: Optional[float] = doc(
+        None, "Stop, save and exit 0 after this many minutes of training (Megatron-LM's --exit-duration-in-mins).")
+    exit_interval: Optional[int] = doc(
+        None, "Stop, save and exit 0 at the first iteration divisible by this (Megatron-LM's --exit-interval).")
 
 
 @dataclass
@@ -182,7 +192,19 @@ class CheckpointConfig:
 
     save: Optional[str] = doc(None, "Run directory: iter_NNNNNNN/ checkpoints, metrics, config.")
     save_interval: Optional[int] = doc(None, "Save every this many iterations (and at the end).")
-    load: Optional[str] = doc(None, "Resume from this run directory's latest checkpoint (or an iter_* directory).")
+    load: Optional[str] = doc(
+        None, "Resume from this run directory's latest checkpoint (or an iter_* directory); null = continue from "
+        "checkpoint.save's newest complete checkpoint when it has one (auto-resume), else start fresh.",
+    )
+    overwrite: bool = doc(
+        False, "Allow starting where checkpoint.save holds later checkpoints (they are replaced as the run saves); "
+        "also turns auto-resume off. Their metrics records move to metrics.rolled_back.jsonl.",
+    )
+    keep_last: Optional[int] = doc(None, "Retention: keep the newest K training checkpoints (null = keep all).")
+    keep_every: Optional[int] = doc(
+        None, "Retention: also keep every checkpoint whose iteration is a multiple of M. The newest complete "
+        "checkpoint and those the in-training merge (storage: disk) or recovery still need are never deleted.",
+    )
     format: Literal["torch_dist", "torch"] = doc(
         "torch_dist",
         "Save format: torch_dist = megatron-core dist_checkpointing (reshardable); torch = Megatron's legacy "
@@ -256,6 +278,8 @@ class MergeConfig:
     storage: Literal["host", "device", "disk"] = doc(
         "host", "Where snapshots live: host (pinned CPU) | device (GPU) | disk (the saved checkpoints)."
     )
+    keep_last: Optional[int] = doc(None, "Retention of <save>/merged/: keep the newest K merged checkpoints.")
+    keep_every: Optional[int] = doc(None, "Retention of <save>/merged/: also keep iterations divisible by M.")
 
 
 @dataclass
@@ -538,6 +562,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
     _validate_moe(cfg)
     _validate_merge(cfg)
     _validate_init_and_recovery(cfg)
+    _validate_stopping_and_retention(cfg)
 
     # Optimizer and schedule.
     _require(o.lr > 0 and math.isfinite(o.lr), f"optimizer.lr: {o.lr} must be a positive number")
@@ -656,6 +681,25 @@ def _validate_merge(cfg: RunConfig) -> None:
     if m.storage == "device":
         _require(_cuda_available() and cfg.train.device != "cpu",
                  "merge.storage: device keeps snapshots in GPU memory and needs CUDA; use host on CPUs")
+
+
+def _validate_stopping_and_retention(cfg: RunConfig) -> None:
+    t, c, m = cfg.train, cfg.checkpoint, cfg.merge
+    for name in t.exit_signals:
+        _require(isinstance(name, str) and name in signal.Signals.__members__ and name not in ("SIGKILL", "SIGSTOP"),
+                 f"train.exit_signals: {name!r} is not a signal name that can be handled (e.g. SIGTERM, SIGUSR1)")
+    if t.exit_duration_mins is not None:
+        _require(t.exit_duration_mins > 0, f"train.exit_duration_mins: {t.exit_duration_mins} must be > 0")
+    if t.exit_interval is not None:
+        _require(t.exit_interval >= 1, f"train.exit_interval: {t.exit_interval} must be >= 1")
+    for section, keep_last, keep_every in (("checkpoint", c.keep_last, c.keep_every),
+                                           ("merge", m.keep_last, m.keep_every)):
+        if keep_last is not None:
+            _require(keep_last >= 1, f"{section}.keep_last: {keep_last} must be >= 1 (the newest is always kept)")
+        if keep_every is not None:
+            _require(keep_every >= 1, f"{section}.keep_every: {keep_every} must be >= 1")
+        if keep_last is not None or keep_every is not None:
+            _require(c.save is not None, f"{section}.keep_last/keep_every need checkpoint.save")
 
 
 def _validate_init_and_recovery(cfg: RunConfig) -> None:

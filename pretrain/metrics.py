@@ -64,6 +64,35 @@ def _tensorboard_writer(directory: str):
     return SummaryWriter(log_dir=directory)
 
 
+def roll_back(path: str | Path, keep_through: Optional[int]) -> int:
+    """Before a run appends to an existing metrics file: move the records of the iterations after
+    ``keep_through`` (every record when None: a fresh start) to ``<stem>.rolled_back.jsonl`` beside
+    it, so the file never holds two records of one iteration from two runs. Returns how many moved."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, moved = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            iteration = json.loads(line).get("iteration")
+        except ValueError:  # a line cut by a kill: it belongs to no complete record
+            moved.append(line)
+            continue
+        stays = keep_through is not None and (iteration is None or iteration <= keep_through)
+        (kept if stays else moved).append(line)
+    if moved:
+        with path.with_name(path.stem + ".rolled_back.jsonl").open("a") as f:
+            f.write(json.dumps({"event": "rolled_back", "kept_through_iteration": keep_through,
+                                "records": len(moved), "time": round(time.time(), 3)}) + "\n")
+            f.write("\n".join(moved) + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return len(moved)
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """All records of a metrics file, in order."""
     with Path(path).open() as f:

@@ -23,6 +23,8 @@ def print_summary(cfg: RunConfig, summary) -> None:
                 line += (f"  {r['val_loss_merged']:.4f} ({delta:+.4f})          "
                          f"{r['merge_method']} n={r['merge_n']}, iterations {r['merge_span'][0]}-{r['merge_span'][1]}")
             lines.append(line)
+    if getattr(summary, "stopped", None):
+        lines.append(f"  stopped early     {summary.stopped} (the checkpoint below continues it)")
     if summary.checkpoint:
         lines.append(f"  checkpoint        {summary.checkpoint}")
     if getattr(summary, "merged_checkpoint", None):

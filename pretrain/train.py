@@ -35,12 +35,15 @@ from pretrain import checkpoint as ckpt
 from pretrain import moe_metrics
 from pretrain.batches import TrainingData, build_training_data
 from pretrain.config import RunConfig
-from pretrain.merging import build_merger, save_merged_checkpoint
-from pretrain.metrics import MetricsLogger
+from pretrain.merging import MERGED_DIR, build_merger, save_merged_checkpoint
+from pretrain.metrics import MetricsLogger, roll_back
 from pretrain.pma_init import initialize_from
 from pretrain.recovery import LossSpikeRecovery
 from pretrain.model import build_model
 from pretrain.platform import Platform, collective_device, init_distributed
+from pretrain.resume import choose_start, refuse_overwrite, remove_interrupted_deletions
+from pretrain.retention import apply_retention
+from pretrain.stopping import StopConditions
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ class RunSummary:
     checkpoint: Optional[str] = None
     merged_checkpoint: Optional[str] = None
     recoveries: List[dict] = field(default_factory=list)
+    stopped: Optional[str] = None  # why the run stopped before train_iters (a signal, a time budget)
 
 
 # ---------------------------------------------------------------------------
@@ -266,28 +270,47 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
     scheduler = build_scheduler(cfg, optimizer)
     merger = build_merger(cfg, model)  # None unless merge.enabled
 
+    if c.save and dist.get_rank() == 0:
+        for root in (Path(c.save), Path(c.save) / MERGED_DIR):
+            remove_interrupted_deletions(root)
+    start_point = choose_start(cfg)  # checkpoint.load, else auto-resume from checkpoint.save
     state = ckpt.TrainState()
     init_record = None
-    if c.init_from is not None:  # a new phase from (merged) weights: PMA-init
+    if c.init_from is not None and start_point.load is None:  # a new phase from (merged) weights: PMA-init
         state, init_record = initialize_from(cfg, model, optimizer, scheduler)
-    if c.load is not None:
-        state = ckpt.load_checkpoint(cfg, model, optimizer, scheduler, c.load,
+    if start_point.load is not None:
+        if start_point.automatic:
+            logger.info("auto-resume: continuing from %s (checkpoint.save holds it; checkpoint.overwrite=true "
+                        "starts afresh)%s", start_point.load,
+                        "; checkpoint.init_from is not used again" if c.init_from is not None else "")
+        state = ckpt.load_checkpoint(cfg, model, optimizer, scheduler, start_point.load,
                                      load_optimizer=not c.no_load_optim, load_rng=not c.no_load_rng,
                                      merger=merger)
         if c.no_load_optim:
             state = ckpt.TrainState(iteration=state.iteration, consumed_samples=state.consumed_samples)
         scheduler.step(increment=state.iteration - scheduler.num_steps)
+    refuse_overwrite(cfg, state.iteration)
 
     logging_rank = is_logging_rank()
+    rolled_back = 0
+    if logging_rank and _metrics_path(cfg):
+        # A resumed run drops the records the crashed one wrote after its checkpoint; a fresh start all.
+        rolled_back = roll_back(_metrics_path(cfg), state.iteration if start_point.load is not None else None)
     metrics = MetricsLogger(_metrics_path(cfg) if logging_rank else None,
                             tensorboard_dir=cfg.logging.tensorboard_dir if logging_rank else None,
                             run_dir=c.save if logging_rank else None)
     if logging_rank and c.save:
         Path(c.save).mkdir(parents=True, exist_ok=True)
 
-    if c.load is not None:
-        metrics.log({"iteration": state.iteration, "event": "resume", "checkpoint": str(c.load),
-                     "consumed_samples": state.consumed_samples})
+    if start_point.load is not None:
+        record = {"iteration": state.iteration, "event": "resume", "checkpoint": str(start_point.load),
+                  "automatic": start_point.automatic, "consumed_samples": state.consumed_samples,
+                  "rolled_back_records": rolled_back}
+        if merger is not None:
+            record["merge_snapshots"] = merger.count
+        metrics.log(record, stdout=f"resuming at iteration {state.iteration} from {start_point.load}"
+                                   f"{' (auto-resume)' if start_point.automatic else ''}"
+                                   f"{f', merge state of {merger.count} snapshot(s)' if merger is not None else ''}")
     if init_record is not None:
         metrics.log(init_record)
     recovery = LossSpikeRecovery(cfg) if cfg.recovery.enabled else None
@@ -333,7 +356,10 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
             record["merged_save_s"] = time.perf_counter() - began
         metrics.log(record)
         last_saved = state.iteration
+        if dist.get_rank() == 0:  # only now that the new checkpoint is published
+            apply_retention(cfg, merger, state.iteration)
 
+    stopping = StopConditions(t)
     while state.iteration < t.train_iters:
         step_start = time.perf_counter()
         spike.apply(optimizer, state.iteration + 1)
@@ -384,17 +410,27 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
             run_evaluation()
         if saved_now and c.exit_after_save:
             break
+        summary.stopped = stopping.reason(state.iteration)  # collective: every rank stops at the same iteration
+        if summary.stopped is not None:
+            break
 
     finished = state.iteration >= t.train_iters
-    if c.save and last_saved != state.iteration and finished:
+    if c.save and last_saved != state.iteration and (finished or summary.stopped is not None):
         save()
+    stopping.close()
     if finished and not (t.eval_interval and state.iteration % t.eval_interval == 0):
         run_evaluation()
+    if summary.stopped is not None and dist.get_rank() == 0:
+        how = (f"saved {summary.checkpoint}; run the same command again to continue from it" if c.save
+               else "nothing saved (checkpoint.save is not set)")
+        print(f"stopped at iteration {state.iteration} ({summary.stopped}): {how}", flush=True)
 
     summary.iterations = state.iteration
     summary.seconds = time.perf_counter() - start
     end = {"iteration": state.iteration, "event": "end", "seconds": summary.seconds,
            "peak_rss_mib": _peak_rss_mib()}
+    if summary.stopped is not None:
+        end["stopped"] = summary.stopped
     if merger is not None:
         end["merge_state_mib"] = merger.memory_bytes() / 2**20
     metrics.log(end)
