@@ -24,7 +24,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -314,11 +314,14 @@ def _adopt_optimizer_common(loaded: dict, runtime: dict, saved: dict) -> dict:
 
 
 def write_checkpoint(sharded_state_dict: dict, root: str | Path, iteration: int, cfg: RunConfig,
-                     extra_files: Optional[dict] = None) -> Path:
+                     extra_files: Optional[dict] = None, saver=None,
+                     on_published: Optional[Callable[[], None]] = None) -> Path:
     """Save ``sharded_state_dict`` as ``<root>/iter_NNNNNNN`` atomically and point the tracker at it.
 
     Collective: every rank calls it. ``extra_files`` (name -> text) are written beside the
-    tensors (by rank 0) before the directory becomes visible.
+    tensors (by rank 0) before the directory becomes visible; then rank 0 calls
+    ``on_published``. With ``saver`` (a :class:`~pretrain.async_save.AsyncCheckpointSaver`)
+    the files are written in the background and published when the saver finds them complete.
     """
     root = Path(root)
     final = iteration_dir(root, iteration)
@@ -331,14 +334,21 @@ def write_checkpoint(sharded_state_dict: dict, root: str | Path, iteration: int,
         staging.mkdir()
     dist.barrier()
 
+    def publish() -> None:
+        if rank == 0:
+            for name, text in (extra_files or {}).items():
+                (staging / name).write_text(text)
+            publish_checkpoint(cfg, staging, final, iteration)
+            logger.info("saved checkpoint %s", final)
+            if on_published is not None:
+                on_published()
+
+    if saver is not None:
+        saver.schedule(dist_checkpointing.save(sharded_state_dict, str(staging), async_sharded_save=True), publish)
+        return final
     dist_checkpointing.save(sharded_state_dict, str(staging))
     dist.barrier()
-
-    if rank == 0:
-        for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text)
-        publish_checkpoint(cfg, staging, final, iteration)
-        logger.info("saved checkpoint %s", final)
+    publish()
     dist.barrier()
     return final
 
@@ -361,24 +371,30 @@ def publish_checkpoint(cfg: RunConfig, staging: Path, final: Path, iteration: in
 
 
 def save_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, state: TrainState,
-                    root: Optional[str | Path] = None, merger=None) -> Path:
+                    root: Optional[str | Path] = None, merger=None, saver=None,
+                    on_published: Optional[Callable[[], None]] = None) -> Path:
     """Write a complete training checkpoint of ``state.iteration`` under ``root`` (default checkpoint.save).
 
     With ``merger`` (an in-training :class:`~megatron_merge.online.PartitionMerger`) its merge
-    state is saved too, sharded like the parameters.
+    state is saved too, sharded like the parameters. ``saver`` and ``on_published``: as
+    :func:`write_checkpoint` (torch_dist only).
     """
     if cfg.checkpoint.format == "torch":  # Megatron's legacy layout: pretrain/legacy_checkpoint.py
         if merger is not None:
             raise CheckpointError("checkpoint.format: torch cannot hold the in-training merge state; use torch_dist")
         from pretrain.legacy_checkpoint import save_legacy_checkpoint
 
-        return save_legacy_checkpoint(cfg, model_chunks, optimizer, scheduler, state, root)
+        final = save_legacy_checkpoint(cfg, model_chunks, optimizer, scheduler, state, root)
+        if on_published is not None and dist.get_rank() == 0:
+            on_published()
+        return final
     sd = _sharded_state_dict(model_chunks, optimizer, scheduler, state, cfg,
                              include_optimizer=True, include_rng=True, is_loading=False)
     if merger is not None:
         sd["merge_state"] = merger.sharded_state_dict()
         sd["merge_state_meta"] = merger.common_state()
-    return write_checkpoint(sd, root or cfg.checkpoint.save, state.iteration, cfg)
+    return write_checkpoint(sd, root or cfg.checkpoint.save, state.iteration, cfg, saver=saver,
+                            on_published=on_published)
 
 
 def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: str | Path,

@@ -217,6 +217,10 @@ class CheckpointConfig:
         "TP/PP/DP; gathered per DP group at save), dp_reshardable stores each rank's buffers (faster, "
         "reloads only at the same TP/PP).",
     )
+    async_save: bool = doc(
+        False, "Write torch_dist checkpoints in the background (megatron-core's async save, Megatron-LM's "
+        "--async-save): training goes on; the tracker moves when every rank's files are written.",
+    )
     no_load_optim: bool = doc(False, "Resume weights only; fresh optimizer state.")
     no_load_rng: bool = doc(False, "Do not restore RNG states.")
     exit_after_save: bool = doc(False, "Stop after the first checkpoint save (for tests of crash/resume).")
@@ -700,6 +704,11 @@ def _validate_stopping_and_retention(cfg: RunConfig) -> None:
             _require(keep_every >= 1, f"{section}.keep_every: {keep_every} must be >= 1")
         if keep_last is not None or keep_every is not None:
             _require(c.save is not None, f"{section}.keep_last/keep_every need checkpoint.save")
+    if c.async_save:
+        _require(c.format == "torch_dist", "checkpoint.async_save needs checkpoint.format: torch_dist")
+        _require(not (m.enabled and m.storage == "disk"),
+                 "checkpoint.async_save with merge.storage: disk would read checkpoints still being written; "
+                 "use merge.storage: host")
 
 
 def _validate_init_and_recovery(cfg: RunConfig) -> None:

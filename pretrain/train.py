@@ -33,6 +33,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from pretrain import checkpoint as ckpt
 from pretrain import moe_metrics
+from pretrain.async_save import AsyncCheckpointSaver
 from pretrain.batches import TrainingData, build_training_data
 from pretrain.config import RunConfig
 from pretrain.merging import MERGED_DIR, build_merger, save_merged_checkpoint
@@ -345,19 +346,27 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
             metrics.log(record, stdout=line)
             summary.evaluations.append(record)
 
+    saver = AsyncCheckpointSaver() if c.async_save else None
+
     def save() -> None:
         nonlocal last_saved
         began = time.perf_counter()
-        summary.checkpoint = str(ckpt.save_checkpoint(cfg, model, optimizer, scheduler, state, merger=merger))
+        if saver is not None:
+            saver.wait()  # the previous save's files are written and published
+        iteration = state.iteration
+        summary.checkpoint = str(ckpt.save_checkpoint(
+            cfg, model, optimizer, scheduler, state, merger=merger, saver=saver,
+            # rank 0, once the checkpoint is published: deleting earlier ones is safe only then
+            on_published=lambda: apply_retention(cfg, merger, iteration)))
         record = {"iteration": state.iteration, "event": "save", "save_s": time.perf_counter() - began}
+        if saver is not None:
+            record["async"] = True
         if merger is not None and cfg.merge.save and merger.count > 0:
             began = time.perf_counter()
             summary.merged_checkpoint = str(save_merged_checkpoint(cfg, merger, model, state))
             record["merged_save_s"] = time.perf_counter() - began
         metrics.log(record)
         last_saved = state.iteration
-        if dist.get_rank() == 0:  # only now that the new checkpoint is published
-            apply_retention(cfg, merger, state.iteration)
 
     stopping = StopConditions(t)
     while state.iteration < t.train_iters:
@@ -410,6 +419,8 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
             run_evaluation()
         if saved_now and c.exit_after_save:
             break
+        if saver is not None:
+            saver.poll()  # publishes a background save once every rank has written it
         summary.stopped = stopping.reason(state.iteration)  # collective: every rank stops at the same iteration
         if summary.stopped is not None:
             break
@@ -417,6 +428,8 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
     finished = state.iteration >= t.train_iters
     if c.save and last_saved != state.iteration and (finished or summary.stopped is not None):
         save()
+    if saver is not None:
+        saver.close()  # the run ends only with its checkpoints published
     stopping.close()
     if finished and not (t.eval_interval and state.iteration % t.eval_interval == 0):
         run_evaluation()
