@@ -7,7 +7,8 @@ Each step runs as ``python bench/gpu_check.py --step N`` in its own process; on 
 whole process tree (torchrun workers included) is killed and the next step runs. A step prints one
 ``RESULT {json}`` line: result (pass / fail / skipped / dry-run; local-ok: passed without TE, so its
 TE part is not done) and figure; its log is kept in ``--log-dir`` (and, where ``$OUT`` is set, all
-logs and the table are written there). The whole run keeps to ``--budget`` seconds: a step that no longer fits is skipped.
+logs and the table are written there). The whole run keeps to ``--budget`` seconds: a step that no
+longer fits is skipped.
 
 In ``--cpu-dry-run`` a step does what it can without a GPU: the configs it would train are resolved
 and validated by ``python -m pretrain --validate-only`` (CUDA-only settings swapped for their CPU
@@ -18,6 +19,7 @@ trains the tiny dense config on the CPU and compares in-training and offline mer
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -27,6 +29,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH, TESTS = REPO / "bench", REPO / "tests"
@@ -43,25 +46,29 @@ SHORT = ["train.train_iters=20", "train.eval_interval=10", "train.eval_iters=2",
 # 2 ranks on the one GPU: the layouts that need more than one process.
 LAYOUTS = {"TP=2": ["parallel.tensor_model_parallel_size=2"], "PP=2": ["parallel.pipeline_model_parallel_size=2"],
            "EP=2": ["parallel.expert_model_parallel_size=2"]}
-MERGE_CHECK = ["merge.enabled=true", "merge.method=sma", "merge.interval=4", "merge.window=3", "merge.start_iteration=0",
-               "checkpoint.save_interval=4", "train.train_iters=12", "train.eval_interval=12"]
+MERGE_CHECK = ["merge.enabled=true", "merge.method=sma", "merge.interval=4", "merge.window=3",
+               "merge.start_iteration=0", "checkpoint.save_interval=4", "train.train_iters=12", "train.eval_interval=12"]
 MERGE_ITERATIONS = [4, 8, 12]
 # What --cpu-dry-run validates instead of the CUDA-only settings (config validation refuses them on CPUs).
-CPU_SWAPS = {"train.device=cuda": "train.device=cpu", "model.transformer_impl=transformer_engine": "model.transformer_impl=auto",
+CPU_SWAPS = {"train.device=cuda": "train.device=cpu",
+             "model.transformer_impl=transformer_engine": "model.transformer_impl=auto",
              "moe.grouped_gemm=true": "moe.grouped_gemm=false", "merge.storage=device": "merge.storage=host"}
 
 
-class Step:
-    """One check: its name in the table, the target it is held to, and its timeout."""
+class Step(NamedTuple):
+    """One check: its name in the table, the target it is held to, its timeout (s) and its body."""
 
-    def __init__(self, name: str, target: str, timeout: int, fn):
-        self.name, self.target, self.timeout, self.fn = name, target, timeout, fn
+    name: str
+    target: str
+    timeout: int
+    fn: Callable[[bool, Path], dict]  # (dry run?, work directory) -> result()
 
 
 def result(res: str, figure: str = "") -> dict:
     return {"result": res, "figure": figure}
 
 
+@functools.lru_cache(maxsize=None)
 def te_version() -> str | None:
     try:  # the extension, not just the Python package
         import transformer_engine
@@ -202,15 +209,16 @@ def step_mfu(dry: bool, work: Path) -> dict:
         r = validate_only(TINY["dense"], gpu_overrides(True, [*GPU_MODEL, "train.global_batch_size=4"]))
         return r if r["result"] == "fail" or not help_ok else result("dry-run", "--help ok; " + r["figure"])
     out = work / "train_bench.json"
+    # Its output goes to this step's log as it comes (a step killed at its timeout keeps it).
     proc = subprocess.run([sys.executable, str(BENCH / "train_bench.py"), "--gpu", "--iters", "30", "--json", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=3600)
-    print(proc.stdout, proc.stderr[-3000:])
+                          cwd=REPO)
     if proc.returncode != 0:
         return result("fail", f"train_bench exit {proc.returncode}")
     f = json.loads(out.read_text())
     if f["mfu"] is None:
         return result("fail", f"{f['tflops_per_gpu']:.0f} TFLOP/s on {f['gpu']} (no peak known)")
-    return verdict(f["mfu"] >= 0.45, f"MFU {f['mfu']:.1%} ({f['tflops_per_gpu']:.0f} TFLOP/s, {f['iteration_s'] * 1000:.0f} ms/it)")
+    return verdict(f["mfu"] >= 0.45,
+                   f"MFU {f['mfu']:.1%} ({f['tflops_per_gpu']:.0f} TFLOP/s, {f['iteration_s'] * 1000:.0f} ms/it)")
 
 
 def merge_overhead(storage: str, dry: bool, work: Path) -> dict:
@@ -225,14 +233,12 @@ def merge_overhead(storage: str, dry: bool, work: Path) -> dict:
         return r if r["result"] == "fail" or not help_ok else result("dry-run", "--help ok; " + r["figure"])
     if not out.exists():  # one bench run measures both storages
         proc = subprocess.run([sys.executable, str(BENCH / "online_merge_bench.py"), "--gpu", "--iters", "40",
-                               "--probe-interval", "4", "--json", str(out)], cwd=REPO, capture_output=True, text=True,
-                              timeout=3600)
-        print(proc.stdout, proc.stderr[-3000:])
+                               "--probe-interval", "4", "--json", str(out)], cwd=REPO)
         if proc.returncode != 0:
             return result("fail", f"online_merge_bench exit {proc.returncode}")
     f = json.loads(out.read_text())[0]["storage"][storage]
-    return verdict(f["overhead_v100"] < 0.01, f"{f['overhead_v100']:.3%} at V=100 (snapshot {f['snapshot_s'] * 1000:.1f} ms "
-                  f"+ next step {f['next_step_extra_s'] * 1000:.1f} ms, step {f['step_s'] * 1000:.0f} ms)")
+    return verdict(f["overhead_v100"] < 0.01, f"{f['overhead_v100']:.3%} at V=100 (snapshot {f['snapshot_s'] * 1000:.1f}"
+                   f" ms + next step {f['next_step_extra_s'] * 1000:.1f} ms, step {f['step_s'] * 1000:.0f} ms)")
 
 
 def step_merge_host(dry: bool, work: Path) -> dict:

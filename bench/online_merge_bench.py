@@ -37,16 +37,15 @@ sys.path.insert(0, str(REPO / "tests"))
 from helpers import free_port  # noqa: E402
 from train_bench import GPU_MODEL  # noqa: E402  (bench/ is this script's own directory)
 
-STORAGE = {"off": [], "host": ["merge.enabled=true", "merge.storage=host"],
-           "disk": ["merge.enabled=true", "merge.storage=disk"], "device": ["merge.enabled=true", "merge.storage=device"]}
+STORAGE = {"off": [], **{s: ["merge.enabled=true", f"merge.storage={s}"] for s in ("host", "disk", "device")}}
 CPU_VARIANTS, GPU_VARIANTS = ("off", "host", "disk"), ("off", "host", "device")
 GPU_CONFIG = "tiny-dense"  # with GPU_MODEL's overrides
 
 
 def run(config: str, overrides: list[str], run_dir: Path, nproc: int = 2) -> list[dict]:
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
-            "-m", "pretrain", "--config", str(REPO / "configs" / f"{config}.yaml"), f"checkpoint.save={run_dir}",
-            f"logging.metrics_file={run_dir / 'metrics.jsonl'}", *overrides]
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(free_port()), "-m", "pretrain", "--config", str(REPO / "configs" / f"{config}.yaml"),
+            f"checkpoint.save={run_dir}", f"logging.metrics_file={run_dir / 'metrics.jsonl'}", *overrides]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode != 0:
         raise SystemExit(f"run failed ({config} {' '.join(overrides)}):\n{proc.stderr[-3000:]}")
@@ -83,9 +82,11 @@ def bench(config: str, iters: int, probe: int, tmp: Path, gpu: bool = False) -> 
     figures = {"config": config, "iteration_s": base, "storage": {}}
     for name in variants[1:]:
         rs = results[name]
+        # Plain iterations: neither a snapshot nor the one after it (unless that leaves none).
         after_snapshot = {r["iteration"] + 1 for r in steps[name] if "merge_snapshot_s" in r}
-        plain = [r["iteration_time_s"] for r in steps[name]
-                 if "merge_snapshot_s" not in r and r["iteration"] not in after_snapshot]
+        no_snapshot = [r for r in steps[name] if "merge_snapshot_s" not in r]
+        plain = [r["iteration_time_s"] for r in no_snapshot if r["iteration"] not in after_snapshot] \
+            or [r["iteration_time_s"] for r in no_snapshot]
         # Steady state: the first `window` snapshots also allocate their buffers.
         snaps = [r for r in steps[name] if "merge_snapshot_s" in r]
         snaps = snaps[5:] if len(snaps) > 5 else snaps
@@ -115,7 +116,8 @@ if __name__ == "__main__":
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--probe-interval", type=int, default=5)
     parser.add_argument("--configs", nargs="+", default=None, help="default: tiny-dense tiny-moe (CPU)")
-    parser.add_argument("--gpu", action="store_true", help="one GPU, train_bench's ~1.2B model, storage host and device")
+    parser.add_argument("--gpu", action="store_true",
+                        help="one GPU, train_bench's ~1.2B model, storage host and device")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
     configs = args.configs or ([GPU_CONFIG] if args.gpu else ["tiny-dense", "tiny-moe"])

@@ -51,7 +51,8 @@ def run(nproc: int, overrides: list[str], iters: int, run_dir: Path) -> list[dic
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
         "--master-port", str(free_port()), "-m", "pretrain", "--config", str(REPO / "configs" / "tiny-dense.yaml"),
         f"train.train_iters={iters}", "train.eval_interval=null", "checkpoint.save_interval=null",
-        f"checkpoint.save={run_dir}", f"logging.metrics_file={run_dir / 'metrics.jsonl'}", "scheduler.warmup_iters=1", "scheduler.wsd_decay_iters=1", *overrides,
+        f"checkpoint.save={run_dir}", f"logging.metrics_file={run_dir / 'metrics.jsonl'}",
+        "scheduler.warmup_iters=1", "scheduler.wsd_decay_iters=1", *overrides,
     ]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={"PYTHONWARNINGS": "ignore",
                                                                                  **__import__("os").environ})
