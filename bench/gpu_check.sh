@@ -2,7 +2,7 @@
 # GPU validation (issue 19): set up the environment, then run bench/gpu_check.py's checks and print
 # a table (check, result, figure, target). At most 9 minutes (GPU_CHECK_TOTAL_S); idempotent.
 #   bash bench/gpu_check.sh [gpu_check.py args]   on a CUDA machine, e.g. --budget 420 --json $OUT/table.json
-#   bash bench/gpu_check.sh --cpu-dry-run         on a CPU: every step's CPU-side part
+#   bash bench/gpu_check.sh --cpu-dry-run         on a CPU: every step's CPU-side part (first argument)
 #   bash bench/gpu_check.sh --fetch-wheels        where PyPI is reachable: wheels a machine without it needs, into .whl/
 #
 # Environment. A machine whose python3 already has a CUDA build of torch (the lent H200's image:
@@ -20,8 +20,8 @@ SITE="$ROOT/.gpu-site"
 say() { echo "[gpu_check] $*"; }
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
-  # The H200 image's Python; Transformer Engine's core wheel (~280 MB) is over the device's
-  # 64 MiB carry limit, so it is not fetched here.
+  # For the H200 image's Python. Transformer Engine's core wheel (transformer_engine_cu13 2.11.0:
+  # 179 MB) is over the device tool's 64 MiB carry limit, so it is not fetched.
   PY="$ROOT/.venv/bin/python"; [ -x "$PY" ] || PY=python3
   "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version "${GPU_PYTHON:-3.12}" \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
