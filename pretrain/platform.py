@@ -151,7 +151,7 @@ def transformer_engine_available() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401  (a partly installed TE must not select the TE spec)
     except Exception:
         return False
     return True
