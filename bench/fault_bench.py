@@ -66,6 +66,22 @@ def started(run_dir: Path, since: float) -> bool:
     return path.is_file() and path.stat().st_mtime > since
 
 
+def newest_iteration(run_dir: Path) -> int:
+    """The newest iteration the metrics file records (0 before the first)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    newest = 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # being written
+            continue
+        if "loss" in record:
+            newest = max(newest, record["iteration"])
+    return newest
+
+
 def tracker_is_complete(run_dir: Path) -> bool:
     from pretrain.checkpoint import is_complete, iteration_dir, read_tracker
 
@@ -92,16 +108,15 @@ def killed_run(run_dir: Path, fmt: str, iters: int, kills: int, rng: random.Rand
         events["launches"] += 1
         if events["kills"] < kills:
             during_save = events["kills"] % 2 == 0
-            delay = rng.uniform(0.0, 6.0)
-            first_step = None
+            done = newest_iteration(run_dir)
+            target = rng.randint(done + 1, max(done + 1, iters - 1))  # a random iteration still to run
             while launcher.poll() is None:
-                now = time.time()
-                if first_step is None and started(run_dir, began):
-                    first_step = now
-                if during_save and first_step is not None and saving(run_dir):
-                    break
-                if not during_save and first_step is not None and now - first_step >= delay:
-                    break
+                if started(run_dir, began):
+                    if during_save and saving(run_dir):
+                        break
+                    if not during_save and newest_iteration(run_dir) >= target:
+                        time.sleep(rng.uniform(0.0, 0.1))  # somewhere inside the next iteration
+                        break
                 time.sleep(0.005)
             if launcher.poll() is None:
                 kill_tree(launcher)

@@ -116,6 +116,19 @@ def test_sigterm_to_one_rank_stops_every_rank_saves_and_resumes(tmp_path):
     assert [r["iteration"] for r in iteration_records(run_dir)] == list(range(1, stopped + 3))
 
 
+@pytest.mark.slow
+def test_kill_9_during_saves_and_at_random_resumes_exactly():
+    """bench/fault_bench.py at a small count: 2 kills (one during a save), merging on."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "fault_bench.py"), "--kills", "2", "--iters", "8",
+                           "--formats", "torch_dist", "--json"], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["kills"] == 2 and result["during_save"] == 1, result
+    assert result["tracker_complete_after_every_kill"] and result["each_iteration_once"], result
+    assert result["losses_equal_uninterrupted"], result
+
+
 # ---------------------------------------------------------------------------------------------
 # Single-process pieces
 
