@@ -13,6 +13,7 @@ import datetime
 import logging
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Iterator
@@ -108,9 +109,8 @@ def init_distributed(cfg: RunConfig) -> Platform:
 
 def shutdown() -> None:
     """Tear down megatron-core's groups and every torch.distributed process group (idempotent)."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
+    parallel_state = sys.modules.get("megatron.core.parallel_state")  # never import it just to tear down
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()  # all groups, including those made by other libraries (DeepSpeed)
