@@ -11,8 +11,10 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 from pretrain.config import ConfigError, load_config, validate
+from pretrain.fatal import report_fatal
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,8 +49,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         validate(cfg, world_size=world_size)
     except ConfigError as exc:
-        if int(os.environ.get("RANK", 0)) == 0:  # every rank fails the same way; say it once
-            print(f"error: {exc}", file=sys.stderr)
+        report_fatal(str(exc))  # every rank fails the same way: said once (pretrain.fatal)
         return 2
     if args.validate_only:
         print(f"config OK for world size {world_size}")
@@ -63,11 +64,10 @@ def main(argv=None) -> int:
     try:
         summary = pretrain(cfg)
     except (CheckpointError, ConfigError, FileNotFoundError) as exc:  # bad input: the message says it all
-        print(f"error: {exc}", file=sys.stderr)
+        report_fatal(str(exc))
         return 1
     except Exception as exc:
-        logging.getLogger("pretrain").error("training failed", exc_info=True)
-        print(f"error: {exc}", file=sys.stderr)
+        report_fatal(f"training failed: {type(exc).__name__}: {exc}", details=traceback.format_exc())
         return 1
     print_summary(cfg, summary)
     shutdown()

@@ -157,3 +157,29 @@ def test_config_reference_doc_is_current():
 
     doc = (REPO / "docs" / "config.md").read_text()
     assert doc == reference_document(), "regenerate: python -m pretrain.config --reference > docs/config.md"
+
+
+# A bad config under a real 2-process torchrun: the error reaches the user exactly once, whichever
+# rank gets there first. A shell wrapper delays one rank's start to force each order.
+@pytest.mark.parametrize("slow_rank, grace_s, reporter", [(0, 60, "rank 0"), (1, 2, "rank 0"), (0, 2, "rank 1")],
+                         ids=["rank0-late", "rank1-late", "rank0-stuck"])
+def test_config_error_under_torchrun_is_reported_once(slow_rank, grace_s, reporter):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import free_port
+
+    delay = 60 if reporter == "rank 1" else 4  # "stuck": rank 0 outlives rank 1's grace period
+    wrapper = f'[ "$RANK" = {slow_rank} ] && sleep {delay}; exec "$0" -m pretrain "$@"'
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+            "--no-python", "sh", "-c", wrapper, sys.executable,
+            "--config", str(REPO / "configs" / "tiny-dense.yaml"), "parallel.tensor_model_parallel_size=3"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PRETRAIN_ERROR_GRACE_S": str(grace_s)}
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0
+    assert len(errors) == 1, output
+    assert "parallel.tensor_model_parallel_size: 3 does not divide" in errors[0]
+    assert ("reported by rank 1" in errors[0]) == (reporter == "rank 1")
