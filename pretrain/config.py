@@ -148,10 +148,21 @@ class SchedulerConfig:
     style: Literal["constant", "linear", "cosine", "wsd", "inverse-square-root"] = doc(
         "wsd", "wsd = warmup, stable (constant) stage, then decay over wsd_decay_iters."
     )
-    warmup_iters: int = doc(0, "Linear warmup from init_lr to optimizer.lr.")
+    warmup_iters: Optional[int] = doc(
+        None, "Linear warmup from init_lr to optimizer.lr, in iterations; null = warmup_fraction x decay_iters."
+    )
+    warmup_fraction: float = doc(
+        0.0, "Warmup as a fraction of decay_iters (rounded down), used while warmup_iters is null."
+    )
     init_lr: float = doc(0.0, "Learning rate at iteration 0 of the warmup.")
     decay_iters: Optional[int] = doc(None, "Iteration where decay ends; null = train.train_iters.")
-    wsd_decay_iters: Optional[int] = doc(None, "Length of the WSD decay stage; null = 10% of decay_iters.")
+    wsd_decay_iters: Optional[int] = doc(
+        None, "Length of the WSD decay stage in iterations; null = wsd_decay_fraction x decay_iters."
+    )
+    wsd_decay_fraction: float = doc(
+        0.1, "WSD decay as a fraction of decay_iters (rounded down, at least 1), used while wsd_decay_iters is null. "
+        "Fractions keep a config valid at any train.train_iters; an iteration count, when set, wins."
+    )
     wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = doc("linear", "Shape of the WSD decay.")
     inject_spike_at: Optional[int] = doc(
         None, "Fault injection for testing recovery: multiply the LR by inject_spike_factor from this iteration "
@@ -462,6 +473,28 @@ def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
     return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
 
 
+@dataclass(frozen=True)
+class ScheduleLengths:
+    """The LR schedule in iterations, after fractions are resolved."""
+
+    warmup: int
+    decay: int  # iteration where the decay ends
+    wsd_decay: int  # length of the WSD decay stage
+
+
+def schedule_lengths(cfg: RunConfig) -> ScheduleLengths:
+    """Resolve scheduler.*_iters / *_fraction against the run's length (an iteration count wins)."""
+    s = cfg.scheduler
+    decay = s.decay_iters if s.decay_iters is not None else max(1, cfg.train.train_iters)
+
+    def share(fraction: float) -> int:  # rounded down; the epsilon keeps 0.29 x 100 at 29
+        return math.floor(fraction * decay + 1e-9)
+
+    warmup = s.warmup_iters if s.warmup_iters is not None else share(s.warmup_fraction)
+    wsd_decay = s.wsd_decay_iters if s.wsd_decay_iters is not None else max(1, share(s.wsd_decay_fraction))
+    return ScheduleLengths(warmup=warmup, decay=decay, wsd_decay=wsd_decay)
+
+
 def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: Optional[bool] = None) -> None:
     """Check a config for consistency; with ``world_size`` also against the launch.
 
@@ -546,15 +579,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
     _require(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optimizer.adam_beta1/adam_beta2 must be in [0, 1)")
     _require(o.adam_eps > 0, f"optimizer.adam_eps: {o.adam_eps} must be > 0")
     _require(o.clip_grad >= 0, f"optimizer.clip_grad: {o.clip_grad} must be >= 0 (0 disables clipping)")
-    decay = s.decay_iters if s.decay_iters is not None else max(1, t.train_iters)
-    _require(decay >= 1, f"scheduler.decay_iters: {decay} must be >= 1")
-    _require(0 <= s.warmup_iters < decay, f"scheduler.warmup_iters: {s.warmup_iters} must be in [0, decay_iters={decay})")
-    _require(0 <= s.init_lr <= o.lr, f"scheduler.init_lr: {s.init_lr} must be in [0, optimizer.lr={o.lr}]")
-    if s.style == "wsd" and s.wsd_decay_iters is not None:
-        _require(
-            0 < s.wsd_decay_iters <= decay - s.warmup_iters,
-            f"scheduler.wsd_decay_iters: {s.wsd_decay_iters} must be in [1, decay_iters - warmup_iters = {decay - s.warmup_iters}]",
-        )
+    _validate_schedule(cfg)
 
     # Training shape.
     if t.eval_interval is not None:
@@ -620,6 +645,32 @@ def merge_interval_iterations(cfg: RunConfig) -> int:
     if m.interval is not None:
         return m.interval
     return max(1, round(m.interval_tokens / (cfg.train.global_batch_size * cfg.train.seq_length)))
+
+
+def _validate_schedule(cfg: RunConfig) -> None:
+    s, o = cfg.scheduler, cfg.optimizer
+    _require(0 <= s.init_lr <= o.lr, f"scheduler.init_lr: {s.init_lr} must be in [0, optimizer.lr={o.lr}]")
+    _require(0 <= s.warmup_fraction < 1, f"scheduler.warmup_fraction: {s.warmup_fraction} must be in [0, 1)")
+    _require(0 < s.wsd_decay_fraction <= 1, f"scheduler.wsd_decay_fraction: {s.wsd_decay_fraction} must be in (0, 1]")
+    lengths = schedule_lengths(cfg)
+    decay = lengths.decay
+    _require(decay >= 1, f"scheduler.decay_iters: {decay} must be >= 1")
+    # Name the key the user set; a fraction's message shows what it resolved to.
+    warmup_key = ("scheduler.warmup_iters:" if s.warmup_iters is not None
+                  else f"scheduler.warmup_fraction: {s.warmup_fraction:g} x decay_iters =")
+    _require(0 <= lengths.warmup < decay, f"{warmup_key} {lengths.warmup} must be in [0, decay_iters={decay})")
+    if s.style == "wsd":
+        if s.wsd_decay_iters is None and s.warmup_iters is None:
+            _require(s.warmup_fraction + s.wsd_decay_fraction <= 1,
+                     f"scheduler.warmup_fraction + wsd_decay_fraction = {s.warmup_fraction:g} + "
+                     f"{s.wsd_decay_fraction:g} must be <= 1")
+        wsd_key = ("scheduler.wsd_decay_iters:" if s.wsd_decay_iters is not None
+                   else f"scheduler.wsd_decay_fraction: {s.wsd_decay_fraction:g} x decay_iters =")
+        _require(
+            0 < lengths.wsd_decay <= decay - lengths.warmup,
+            f"{wsd_key} {lengths.wsd_decay} must be in [1, decay_iters - warmup = {decay} - {lengths.warmup} = "
+            f"{decay - lengths.warmup}] (scheduler.wsd_decay_fraction scales with the run)",
+        )
 
 
 def _validate_merge(cfg: RunConfig) -> None:

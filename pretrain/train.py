@@ -34,7 +34,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from pretrain import checkpoint as ckpt
 from pretrain import moe_metrics
 from pretrain.batches import TrainingData, build_training_data
-from pretrain.config import RunConfig
+from pretrain.config import RunConfig, schedule_lengths
 from pretrain.merging import build_merger, save_merged_checkpoint
 from pretrain.metrics import MetricsLogger
 from pretrain.pma_init import initialize_from
@@ -123,15 +123,15 @@ def build_optimizer(cfg: RunConfig, model_chunks):
 def build_scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
     """Warmup, then constant / linear / cosine / WSD decay, counted in iterations."""
     s, o = cfg.scheduler, cfg.optimizer
-    decay_iters = s.decay_iters if s.decay_iters is not None else max(1, cfg.train.train_iters)
+    lengths = schedule_lengths(cfg)
+    decay_iters, wsd_decay = lengths.decay, lengths.wsd_decay
     style = {"wsd": "WSD"}.get(s.style, s.style)
-    wsd_decay = s.wsd_decay_iters if s.wsd_decay_iters is not None else max(1, decay_iters // 10)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=s.init_lr,
         max_lr=o.lr,
         min_lr=o.min_lr,
-        lr_warmup_steps=s.warmup_iters,
+        lr_warmup_steps=lengths.warmup,
         lr_decay_steps=decay_iters,
         lr_decay_style=style,
         start_wd=o.weight_decay,

@@ -12,6 +12,7 @@ from pretrain.config import (
     load_config,
     reference_markdown,
     save_config,
+    schedule_lengths,
     to_dict,
     validate,
 )
@@ -91,6 +92,46 @@ def test_inconsistent_configs_are_refused(overrides, world_size, message):
     cfg = config_from_dict({}, overrides)
     with pytest.raises(ConfigError, match=message):
         validate(cfg, world_size=world_size, cuda_available=False)
+
+
+@pytest.mark.parametrize("config", ["tiny-dense.yaml", "tiny-moe.yaml"])
+@pytest.mark.parametrize("train_iters", [1, 3, 10, 50, 59, 200, 1000])
+def test_tiny_configs_validate_at_any_run_length(config, train_iters):
+    """Their schedule is given as fractions of the run, so short runs (the README's train_iters=50) work."""
+    cfg = load_config(REPO / "configs" / config, [f"train.train_iters={train_iters}"])
+    validate(cfg, world_size=2, cuda_available=False)
+    lengths = schedule_lengths(cfg)
+    assert lengths.decay == train_iters
+    assert lengths.warmup == int(0.1 * train_iters + 1e-9) and lengths.wsd_decay == max(1, int(0.2 * train_iters + 1e-9))
+    assert lengths.warmup + lengths.wsd_decay <= train_iters
+
+
+def test_schedule_fractions_resolve_and_iteration_counts_win():
+    cfg = config_from_dict({}, ["train.train_iters=100", "scheduler.warmup_fraction=0.29",
+                                "scheduler.wsd_decay_fraction=0.3"])
+    assert schedule_lengths(cfg) == type(schedule_lengths(cfg))(warmup=29, decay=100, wsd_decay=30)
+    # An explicit count (tests/helpers.FAST, a command-line override) wins over the config's fraction.
+    cfg = load_config(REPO / "configs" / "tiny-dense.yaml", ["scheduler.warmup_iters=2", "scheduler.wsd_decay_iters=4"])
+    assert (schedule_lengths(cfg).warmup, schedule_lengths(cfg).wsd_decay) == (2, 4)
+    # Fractions are of decay_iters when it is set; the default WSD decay is 10%.
+    cfg = config_from_dict({}, ["train.train_iters=100", "scheduler.decay_iters=50"])
+    assert schedule_lengths(cfg) == type(schedule_lengths(cfg))(warmup=0, decay=50, wsd_decay=5)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["scheduler.warmup_fraction=1.0"], r"scheduler.warmup_fraction: 1.0 must be in \[0, 1\)"),
+        (["scheduler.wsd_decay_fraction=0"], r"scheduler.wsd_decay_fraction: 0.0 must be in \(0, 1\]"),
+        (["scheduler.warmup_fraction=0.5", "scheduler.wsd_decay_fraction=0.6"],
+         r"scheduler.warmup_fraction \+ wsd_decay_fraction = 0.5 \+ 0.6 must be <= 1"),
+        (["train.train_iters=10", "scheduler.warmup_iters=5", "scheduler.wsd_decay_fraction=0.6"],
+         r"scheduler.wsd_decay_fraction: 0.6 x decay_iters = 6 must be in \[1, decay_iters - warmup = 10 - 5 = 5\]"),
+    ],
+)
+def test_bad_schedule_fractions_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(config_from_dict({}, overrides), world_size=1, cuda_available=False)
 
 
 def test_missing_data_path_names_the_file(tmp_path):
