@@ -15,8 +15,9 @@ import torch
 
 from megatron.core import parallel_state
 
-from pretrain.config import RunConfig
+from pretrain.config import ConfigError, RunConfig
 from pretrain.data.datasets import build_gpt_datasets
+from pretrain.data.provenance import TokenizerMismatchError
 from pretrain.data.sampler import build_data_iterator
 from pretrain.data.tokenizer import build_tokenizer
 from pretrain.platform import Platform
@@ -57,18 +58,21 @@ def build_training_data(cfg: RunConfig, platform: Platform) -> TrainingData:
     """Tokenizer, megatron-core GPT datasets (default corpus when none is given) and batch factories."""
     t, d = cfg.train, cfg.data
     tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_file)
-    datasets = build_gpt_datasets(
-        tokenizer,
-        t.seq_length,
-        blend=[str(x) for x in d.data_path] or None,
-        split=d.split,
-        seed=t.seed,
-        train_samples=t.train_iters * t.global_batch_size,
-        valid_samples=t.eval_iters * t.global_batch_size,
-        index_cache_dir=d.cache_dir and f"{d.cache_dir}/index-cache",
-        corpus_cache_dir=d.cache_dir,
-        create_attention_mask=False,  # attention is causal; no [s, s] mask per sample
-    )
+    try:
+        datasets = build_gpt_datasets(
+            tokenizer,
+            t.seq_length,
+            blend=[str(x) for x in d.data_path] or None,
+            split=d.split,
+            seed=t.seed,
+            train_samples=t.train_iters * t.global_batch_size,
+            valid_samples=t.eval_iters * t.global_batch_size,
+            index_cache_dir=d.cache_dir and f"{d.cache_dir}/index-cache",
+            corpus_cache_dir=d.cache_dir,
+            create_attention_mask=False,  # attention is causal; no [s, s] mask per sample
+        )
+    except TokenizerMismatchError as exc:  # every rank sees it: a config error, said once
+        raise ConfigError(f"data.data_path / data.tokenizer: {exc}") from None
     per_step = microbatches_per_step(cfg)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
