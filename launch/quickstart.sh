@@ -23,3 +23,4 @@ fi
 echo "[quickstart] training configs/tiny-dense.yaml -> $RUN_DIR"
 PYTHONWARNINGS=ignore PYTHON="$PY" bash "$ROOT/launch/torchrun.sh" \
   --config "$ROOT/configs/tiny-dense.yaml" checkpoint.save="$RUN_DIR" "$@"
+echo "[quickstart] done. For the other commands (torchrun, megatron-merge, pretrain-preprocess): source $ROOT/.venv/bin/activate"
