@@ -15,6 +15,7 @@ and what is allowed.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import math
@@ -185,6 +186,10 @@ class DataConfig:
     tokenizer: Literal["byte", "hf"] = doc("byte", "byte = built-in byte-level tokenizer; hf = a tokenizers JSON file.")
     tokenizer_file: Optional[str] = doc(None, "Hugging Face tokenizer.json (tokenizer: hf).")
     cache_dir: Optional[str] = doc(None, "Where dataset indices and the default corpus are cached.")
+    allow_default_corpus: bool = doc(
+        True, "Allow an empty data_path (the small embedded corpus); the paper-scale configs set false, so "
+        "they refuse to start without real data."
+    )
 
 
 @dataclass
@@ -446,6 +451,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return config_from_dict(data, overrides)
 
 
+def declared_world_size(path: str | Path) -> Optional[int]:
+    """The world size a config file says it is for (a comment line ``# world_size: N``), or None."""
+    for line in Path(path).read_text().splitlines():
+        key, _, value = line.lstrip("#").partition(":")
+        if line.startswith("#") and key.strip() == "world_size" and value.strip().isdigit():
+            return int(value)
+    return None
+
+
 def to_dict(cfg: Any) -> dict:
     """The config as plain data (what is saved beside checkpoints)."""
     return dataclasses.asdict(cfg)
@@ -463,9 +477,16 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 # Validation: every rule names the key(s) involved.
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
+def _require(ok: bool, message: str) -> bool:
+    """Report ``message`` unless ``ok``: collected while :func:`validation_errors` runs, else raised.
+    Returns ``ok``, so a section can stop before checks that build on a bad value."""
+    if ok:
+        return True
+    errors = _collected.get()
+    if errors is None:
         raise ConfigError(message)
+    errors.append(message)
+    return False
 
 
 def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
@@ -496,11 +517,56 @@ def schedule_lengths(cfg: RunConfig) -> ScheduleLengths:
 
 
 def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: Optional[bool] = None) -> None:
-    """Check a config for consistency; with ``world_size`` also against the launch.
+    """Check a config for consistency; with ``world_size`` also against the launch, and against
+    a machine with (``cuda_available=True``) or without CUDA (default: this machine).
 
-    Raises ConfigError naming the key, the value and what is allowed.
+    Raises one ConfigError listing every problem found, each naming the key, the value and
+    what is allowed.
     """
-    m, p, t, o, s, d, c = cfg.model, cfg.parallel, cfg.train, cfg.optimizer, cfg.scheduler, cfg.data, cfg.checkpoint
+    errors = validation_errors(cfg, world_size, cuda_available)
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    if errors:
+        raise ConfigError(f"{len(errors)} problems:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+_collected: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("config_errors", default=None)
+
+
+def validation_errors(cfg: RunConfig, world_size: Optional[int] = None,
+                      cuda_available: Optional[bool] = None) -> list[str]:
+    """Every problem of ``cfg`` (see :func:`validate`), in the order of the sections."""
+    cuda = _cuda_available() if cuda_available is None else cuda_available
+    errors: list[str] = []
+    token = _collected.set(errors)
+    try:
+        _validate_sizes(cfg)
+        if errors:  # the checks below divide by these sizes
+            return errors
+        for section in (_validate_shape, _validate_moe, _validate_merge, _validate_init_and_recovery,
+                        _validate_optimizer, _validate_schedule, _validate_data):
+            _run_section(errors, lambda: section(cfg))
+        _run_section(errors, lambda: _validate_platform(cfg, cuda))
+        if world_size is not None:
+            _run_section(errors, lambda: _validate_launch(cfg, world_size))
+    finally:
+        _collected.reset(token)
+    return errors
+
+
+def _run_section(errors: list[str], section) -> None:
+    """Run one group of checks; one that trips over a value already reported stops quietly."""
+    try:
+        section()
+    except ConfigError as exc:  # raised directly (not through _require)
+        errors.append(str(exc))
+    except Exception:
+        if not errors:
+            raise
+
+
+def _validate_sizes(cfg: RunConfig) -> None:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
     for key, value in [
         ("model.num_layers", m.num_layers),
         ("model.hidden_size", m.hidden_size),
@@ -518,6 +584,9 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
     ]:
         _require(value >= 1, f"{key}: {value} must be a positive integer")
 
+
+def _validate_shape(cfg: RunConfig) -> None:
+    m, p, t, c = cfg.model, cfg.parallel, cfg.train, cfg.checkpoint
     _require(t.train_iters >= 0, f"train.train_iters: {t.train_iters} must be >= 0 (0: load or merge, evaluate, save)")
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     _require(
@@ -534,7 +603,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
         m.num_attention_heads % groups == 0,
         f"model.num_query_groups: {groups} does not divide model.num_attention_heads={m.num_attention_heads}",
     )
-    _require(groups % tp == 0, f"parallel.tensor_model_parallel_size: {tp} does not divide model.num_query_groups={groups}")
+    if m.num_query_groups is not None:  # else groups are the heads, checked above
+        _require(groups % tp == 0, f"parallel.tensor_model_parallel_size: {tp} does not divide model.num_query_groups={groups}")
     _require(m.ffn_hidden_size % tp == 0, f"parallel.tensor_model_parallel_size: {tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
     _require(
         m.make_vocab_size_divisible_by % tp == 0,
@@ -568,35 +638,43 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
         _require(m.recompute_num_layers is not None and m.recompute_num_layers >= 1,
                  "model.recompute_num_layers must be >= 1 with model.recompute_granularity: full")
 
-    _validate_moe(cfg)
-    _validate_merge(cfg)
-    _validate_init_and_recovery(cfg)
 
-    # Optimizer and schedule.
-    _require(o.lr > 0 and math.isfinite(o.lr), f"optimizer.lr: {o.lr} must be a positive number")
+def _validate_optimizer(cfg: RunConfig) -> None:
+    o = cfg.optimizer
+    if not _require(o.lr > 0 and math.isfinite(o.lr), f"optimizer.lr: {o.lr} must be a positive number"):
+        return
     _require(0 <= o.min_lr <= o.lr, f"optimizer.min_lr: {o.min_lr} must be in [0, optimizer.lr={o.lr}]")
     _require(o.weight_decay >= 0, f"optimizer.weight_decay: {o.weight_decay} must be >= 0")
     _require(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optimizer.adam_beta1/adam_beta2 must be in [0, 1)")
     _require(o.adam_eps > 0, f"optimizer.adam_eps: {o.adam_eps} must be > 0")
     _require(o.clip_grad >= 0, f"optimizer.clip_grad: {o.clip_grad} must be >= 0 (0 disables clipping)")
-    _validate_schedule(cfg)
 
-    # Training shape.
+
+def _validate_data(cfg: RunConfig) -> None:
+    t, d, c = cfg.train, cfg.data, cfg.checkpoint
     if t.eval_interval is not None:
         _require(t.eval_interval >= 1, f"train.eval_interval: {t.eval_interval} must be null or >= 1")
     if c.save_interval is not None:
         _require(c.save_interval >= 1, f"checkpoint.save_interval: {c.save_interval} must be null or >= 1")
     if d.tokenizer == "hf":
         _require(d.tokenizer_file is not None, "data.tokenizer: hf needs data.tokenizer_file (a tokenizers JSON file)")
-        _require(Path(d.tokenizer_file).is_file(), f"data.tokenizer_file: {d.tokenizer_file} does not exist")
+        if d.tokenizer_file is not None:
+            _require(Path(d.tokenizer_file).is_file(), f"data.tokenizer_file: {d.tokenizer_file} does not exist")
+    _require(bool(d.data_path) or d.allow_default_corpus,
+             "data.data_path is empty and this config sets data.allow_default_corpus: false (a run of this size "
+             "must not train on the small embedded corpus): give data.data_path=[/data/corpus] (made with "
+             "pretrain-preprocess, with the tokenizer of data.tokenizer)")
     _validate_data_paths(d)
     _validate_split(d.split)
     if c.load is not None:
         _require(Path(c.load).exists(), f"checkpoint.load: {c.load} does not exist")
 
-    # Platform.
-    cuda = _cuda_available() if cuda_available is None else cuda_available
+
+def _validate_platform(cfg: RunConfig, cuda: bool) -> None:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
     on_cpu = t.device == "cpu" or (t.device == "auto" and not cuda)
+    if cfg.merge.enabled and cfg.merge.storage == "device":
+        _require(not on_cpu, "merge.storage: device keeps snapshots in GPU memory and needs CUDA; use host on CPUs")
     if t.device == "cuda":
         _require(cuda, "train.device: cuda was requested but CUDA is not available")
     if on_cpu:
@@ -614,29 +692,34 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
         _require(not p.overlap_grad_reduce and not p.overlap_param_gather,
                  "parallel.overlap_grad_reduce/overlap_param_gather need CUDA streams; set them false on CPU")
 
-    if world_size is not None:
-        mp = tp * pp
-        _require(
-            world_size % mp == 0,
-            f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size x "
-            f"parallel.pipeline_model_parallel_size = {tp} x {pp} = {mp}",
-        )
-        dp = world_size // mp
-        _require(
-            t.global_batch_size % (t.micro_batch_size * dp) == 0,
-            f"train.global_batch_size: {t.global_batch_size} is not divisible by train.micro_batch_size x "
-            f"data-parallel size = {t.micro_batch_size} x {dp}",
-        )
-        ep = p.expert_model_parallel_size
-        etp = p.expert_tensor_parallel_size or tp
-        _require(
-            (world_size // pp) % (ep * etp) == 0,
-            f"parallel.expert_model_parallel_size x expert_tensor_parallel_size = {ep} x {etp} does not divide "
-            f"the {world_size // pp} ranks of a pipeline stage",
-        )
-        if pp > 1 and vp is not None and vp > 1:
-            micro = t.global_batch_size // (t.micro_batch_size * dp)
-            _require(micro % pp == 0, f"interleaved pipelining needs microbatches per step ({micro}) divisible by PP={pp}")
+
+def _validate_launch(cfg: RunConfig, world_size: int) -> None:
+    p, t = cfg.parallel, cfg.train
+    tp, pp, vp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    mp = tp * pp
+    _require(
+        world_size % mp == 0,
+        f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size x "
+        f"parallel.pipeline_model_parallel_size = {tp} x {pp} = {mp}",
+    )
+    if world_size % mp:
+        return  # the checks below need a whole data-parallel size
+    dp = world_size // mp
+    _require(
+        t.global_batch_size % (t.micro_batch_size * dp) == 0,
+        f"train.global_batch_size: {t.global_batch_size} is not divisible by train.micro_batch_size x "
+        f"data-parallel size = {t.micro_batch_size} x {dp}",
+    )
+    ep = p.expert_model_parallel_size
+    etp = p.expert_tensor_parallel_size or tp
+    _require(
+        (world_size // pp) % (ep * etp) == 0,
+        f"parallel.expert_model_parallel_size x expert_tensor_parallel_size = {ep} x {etp} does not divide "
+        f"the {world_size // pp} ranks of a pipeline stage",
+    )
+    if pp > 1 and vp is not None and vp > 1:
+        micro = t.global_batch_size // (t.micro_batch_size * dp)
+        _require(micro % pp == 0, f"interleaved pipelining needs microbatches per step ({micro}) divisible by PP={pp}")
 
 
 def merge_interval_iterations(cfg: RunConfig) -> int:
@@ -649,21 +732,27 @@ def merge_interval_iterations(cfg: RunConfig) -> int:
 
 def _validate_schedule(cfg: RunConfig) -> None:
     s, o = cfg.scheduler, cfg.optimizer
-    _require(0 <= s.init_lr <= o.lr, f"scheduler.init_lr: {s.init_lr} must be in [0, optimizer.lr={o.lr}]")
-    _require(0 <= s.warmup_fraction < 1, f"scheduler.warmup_fraction: {s.warmup_fraction} must be in [0, 1)")
-    _require(0 < s.wsd_decay_fraction <= 1, f"scheduler.wsd_decay_fraction: {s.wsd_decay_fraction} must be in (0, 1]")
+    if o.lr > 0:  # else reported with the optimizer
+        _require(0 <= s.init_lr <= o.lr, f"scheduler.init_lr: {s.init_lr} must be in [0, optimizer.lr={o.lr}]")
+    fractions_ok = _require(0 <= s.warmup_fraction < 1,
+                            f"scheduler.warmup_fraction: {s.warmup_fraction} must be in [0, 1)")
+    fractions_ok &= _require(0 < s.wsd_decay_fraction <= 1,
+                             f"scheduler.wsd_decay_fraction: {s.wsd_decay_fraction} must be in (0, 1]")
     lengths = schedule_lengths(cfg)
     decay = lengths.decay
-    _require(decay >= 1, f"scheduler.decay_iters: {decay} must be >= 1")
+    if not (fractions_ok and _require(decay >= 1, f"scheduler.decay_iters: {decay} must be >= 1")):
+        return
     # Name the key the user set; a fraction's message shows what it resolved to.
     warmup_key = ("scheduler.warmup_iters:" if s.warmup_iters is not None
                   else f"scheduler.warmup_fraction: {s.warmup_fraction:g} x decay_iters =")
-    _require(0 <= lengths.warmup < decay, f"{warmup_key} {lengths.warmup} must be in [0, decay_iters={decay})")
+    if not _require(0 <= lengths.warmup < decay, f"{warmup_key} {lengths.warmup} must be in [0, decay_iters={decay})"):
+        return
     if s.style == "wsd":
         if s.wsd_decay_iters is None and s.warmup_iters is None:
-            _require(s.warmup_fraction + s.wsd_decay_fraction <= 1,
-                     f"scheduler.warmup_fraction + wsd_decay_fraction = {s.warmup_fraction:g} + "
-                     f"{s.wsd_decay_fraction:g} must be <= 1")
+            if not _require(s.warmup_fraction + s.wsd_decay_fraction <= 1,
+                            f"scheduler.warmup_fraction + wsd_decay_fraction = {s.warmup_fraction:g} + "
+                            f"{s.wsd_decay_fraction:g} must be <= 1"):
+                return
         wsd_key = ("scheduler.wsd_decay_iters:" if s.wsd_decay_iters is not None
                    else f"scheduler.wsd_decay_fraction: {s.wsd_decay_fraction:g} x decay_iters =")
         _require(
@@ -704,9 +793,6 @@ def _validate_merge(cfg: RunConfig) -> None:
         _require(interval % c.save_interval == 0,
                  f"merge.storage: disk needs the merge interval ({interval} iterations) to be a multiple of "
                  f"checkpoint.save_interval={c.save_interval}")
-    if m.storage == "device":
-        _require(_cuda_available() and cfg.train.device != "cpu",
-                 "merge.storage: device keeps snapshots in GPU memory and needs CUDA; use host on CPUs")
 
 
 def _validate_init_and_recovery(cfg: RunConfig) -> None:

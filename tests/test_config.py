@@ -9,6 +9,7 @@ from pretrain.config import (
     ConfigError,
     RunConfig,
     config_from_dict,
+    declared_world_size,
     load_config,
     reference_markdown,
     save_config,
@@ -147,16 +148,59 @@ def test_saved_config_round_trips(tmp_path):
     assert to_dict(again) == to_dict(cfg)
 
 
+@pytest.fixture(scope="module")
+def data_prefix(tmp_path_factory):
+    """A small preprocessed dataset (what the paper-scale configs need in data.data_path)."""
+    from pretrain.data.indexed import write_indexed_dataset
+
+    prefix = str(tmp_path_factory.mktemp("data") / "corpus")
+    write_indexed_dataset(prefix, [[1, 2, 3, 256]] * 10, 257)
+    return prefix
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_shipped_configs_validate_at_their_world_size(path):
-    """Every config in configs/ states the world size it is for (a comment: '# world_size: N')."""
-    text = path.read_text()
-    world = 2
-    for line in text.splitlines():
-        if line.startswith("# world_size:"):
-            world = int(line.split(":")[1])
+def test_shipped_configs_validate_at_their_world_size(path, data_prefix):
+    """Every config in configs/ states the world size it is for (a comment: '# world_size: N');
+    the paper-scale ones refuse to start without real data."""
+    world = declared_world_size(path)
+    assert world is not None, f"{path.name} has no '# world_size: N' line"
+    gpu = "tiny" not in path.name
     cfg = load_config(path, ["checkpoint.load=null"])
-    validate(cfg, world_size=world, cuda_available="tiny" not in path.name)
+    if gpu:
+        with pytest.raises(ConfigError, match=r"data.data_path is empty and this config sets data.allow_default_corpus"):
+            validate(cfg, world_size=world, cuda_available=True)
+        cfg = load_config(path, ["checkpoint.load=null", f"data.data_path=[{data_prefix}]"])
+    validate(cfg, world_size=world, cuda_available=gpu)
+
+
+def test_every_problem_is_reported_at_once():
+    cfg = config_from_dict({}, ["parallel.tensor_model_parallel_size=3", "optimizer.lr=-1", "train.device=cpu",
+                                "train.precision=fp16", "scheduler.warmup_fraction=2"])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, world_size=4, cuda_available=False)
+    message = str(info.value)
+    assert message.startswith("7 problems:\n"), message  # and no consequences of them (min_lr, init_lr, ...)
+    for expected in ["parallel.tensor_model_parallel_size: 3 does not divide model.num_attention_heads=4",
+                     "optimizer.lr: -1.0 must be a positive number", "scheduler.warmup_fraction: 2.0 must be in",
+                     "train.precision: fp16 needs CUDA", "world size 4 is not divisible"]:
+        assert expected in message
+    # A size that later checks divide by is reported alone, not as a crash.
+    with pytest.raises(ConfigError, match=r"^parallel.tensor_model_parallel_size: 0 must be a positive integer$"):
+        validate(config_from_dict({}, ["parallel.tensor_model_parallel_size=0"]), world_size=2)
+
+
+def test_validate_only_checks_a_gpu_config_from_a_cpu_node(data_prefix):
+    """--target cuda skips the checks of this machine's CUDA; the world size comes from the config."""
+    config = str(REPO / "configs" / "dense-8b.yaml")
+    proc = run_module("pretrain", "--validate-only", "--target", "cuda", "--config", config,
+                      f"data.data_path=[{data_prefix}]")
+    assert proc.returncode == 0 and "config OK for world size 64 on cuda" in proc.stdout, proc.stderr
+    proc = run_module("pretrain", "--validate-only", "--target", "cpu", "--world-size", "5", "--config", config)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and errors == ["error: 4 problems:"], proc.stderr
+    for expected in ["data.data_path is empty", "parallel.sequence_parallel needs Transformer Engine",
+                     "world size 5 is not divisible", "overlap_grad_reduce"]:
+        assert expected in proc.stderr
 
 
 def test_reference_documents_every_section():
@@ -170,7 +214,7 @@ def test_cli_rejects_bad_config_before_training(tmp_path):
     proc = run_module("pretrain", "--config", str(REPO / "configs" / "tiny-dense.yaml"),
                       "parallel.tensor_model_parallel_size=2", env={"WORLD_SIZE": "3"})
     assert proc.returncode == 2
-    assert "error: world size 3 is not divisible" in proc.stderr
+    assert "error: world size 3 is not divisible" in proc.stderr  # alone: no consequences of it
     proc = run_module("pretrain", "--config", str(REPO / "configs" / "tiny-dense.yaml"), "model.hidden=3")
     assert proc.returncode == 2 and "unknown key 'model.hidden'" in proc.stderr
     proc = run_module("pretrain", "--config", str(tmp_path / "missing.yaml"))
