@@ -14,7 +14,7 @@ RUN_DIR="${RUN_DIR:-$ROOT/runs/quickstart}"
 # Check the config (and the overrides) before the previous run is deleted.
 export GPUS_PER_NODE="${GPUS_PER_NODE:-$("$PY" -c 'import torch; print(torch.cuda.device_count() or 2)')}"
 echo "[quickstart] checking configs/tiny-dense.yaml $* for $GPUS_PER_NODE processes"
-PYTHONWARNINGS=ignore WORLD_SIZE="$GPUS_PER_NODE" "$PY" -m pretrain --validate-only \
+PYTHONWARNINGS=ignore "$PY" -m pretrain --validate-only --world-size "$GPUS_PER_NODE" \
   --config "$ROOT/configs/tiny-dense.yaml" checkpoint.save="$RUN_DIR" "$@"
 if [ -d "$RUN_DIR" ]; then
   echo "[quickstart] removing the previous quick-start run $RUN_DIR"

@@ -19,6 +19,7 @@ import contextvars
 import dataclasses
 import difflib
 import math
+import re
 import sys
 import types
 import typing
@@ -179,7 +180,7 @@ class DataConfig:
 
     data_path: list = doc(
         [],
-        "Dataset prefixes (PREFIX.bin/.idx), optionally weighted: [0.7, a, 0.3, b]. "
+        "Dataset prefixes (PREFIX.bin/.idx; a trailing .bin or .idx is dropped), optionally weighted: [0.7, a, 0.3, b]. "
         "Empty = the embedded default corpus, built on first use.",
     )
     split: str = doc("98,2,0", "Train/valid/test split of each dataset, in parts.")
@@ -190,6 +191,10 @@ class DataConfig:
         True, "Allow an empty data_path (the small embedded corpus); the paper-scale configs set false, so "
         "they refuse to start without real data."
     )
+
+    def __post_init__(self) -> None:
+        # A prefix given as PREFIX.bin or PREFIX.idx (a file the user can see) means PREFIX.
+        self.data_path = [re.sub(r"\.(bin|idx)$", "", x) if isinstance(x, str) else x for x in self.data_path]
 
 
 @dataclass

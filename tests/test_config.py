@@ -268,3 +268,21 @@ def test_config_error_under_torchrun_is_reported_once(slow_rank, grace_s, report
     assert len(errors) == 1, output
     assert "parallel.tensor_model_parallel_size: 3 does not divide" in errors[0]
     assert ("reported by rank 1" in errors[0]) == (reporter == "rank 1")
+
+
+def test_data_path_may_name_the_bin_or_idx_file(data_prefix):
+    cfg = config_from_dict({}, [f"data.data_path=[{data_prefix}.bin]"])
+    assert cfg.data.data_path == [data_prefix]
+    validate(cfg, world_size=1, cuda_available=False)
+    cfg = config_from_dict({}, [f"data.data_path=[0.3, {data_prefix}.idx, 0.7, {data_prefix}]"])
+    assert cfg.data.data_path == [0.3, data_prefix, 0.7, data_prefix]
+
+
+def test_importing_the_stack_does_not_warn_about_missing_transformer_engine():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", "import pretrain.train, pretrain.evaluate"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "not installed" not in proc.stderr, proc.stderr

@@ -436,3 +436,12 @@ def test_data_iterator_resumes_exactly(tmp_path):
     wrapped = build_data_iterator(ds.train, mbs, dp_rank=1, dp_size=dp,
                                   consumed_samples=(steps + 1) * mbs * dp, cyclic=True)
     assert (next(wrapped)["tokens"] == seen[steps + 1]).all()
+
+
+def test_preprocess_warns_when_workers_exceed_the_cores(tmp_path, caplog):
+    cores = len(os.sched_getaffinity(0))
+    source = _write_docs(tmp_path, "w", ["one", "two", "three"])
+    with caplog.at_level("WARNING"):
+        assert preprocess_main(["--input", source, "--output-prefix", str(tmp_path / "w"), "--no-progress",
+                                "--workers", str(cores + 1)]) == 0
+    assert f"--workers {cores + 1} is more than the {cores} CPU cores available" in caplog.text

@@ -276,6 +276,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``pretrain-preprocess``; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.workers > cores:
+        logger.warning("--workers %d is more than the %d CPU cores available: processes compete for them, "
+                       "which is slower than --workers %d", args.workers, cores, cores)
     try:
         tokenizer = build_tokenizer(args.tokenizer, args.tokenizer_file, args.eod_token)
         writer = preprocess(
