@@ -53,7 +53,8 @@ class NonFiniteLossError(RuntimeError):
 class RunSummary:
     """What a finished run reports (on every rank; losses are filled on the logging rank)."""
 
-    iterations: int = 0
+    iterations: int = 0  # the iteration the run ended at
+    start_iteration: int = 0  # ... and began at (resumed or continued runs start above 0)
     first_loss: Optional[float] = None
     last_loss: Optional[float] = None
     losses: List[float] = field(default_factory=list)
@@ -294,7 +295,7 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
     spike = LrSpikeInjection(cfg)
     train_batches = data.train_batches(state.consumed_samples)
     valid_batches = data.valid_batches()
-    summary = RunSummary()
+    summary = RunSummary(start_iteration=state.iteration)
     tokens_per_step = t.global_batch_size * t.seq_length
     start = time.perf_counter()
     last_saved = None

@@ -156,3 +156,15 @@ def test_bf16_with_distributed_optimizer_resumes_exactly_and_merges_master_weigh
     saved = load_full(tmp_path / "cont" / "iter_0000013", master)
     assert (saved - load_full(out, master)).abs().max() < 0.1  # one small step from the merge
     assert (saved - load_full(inputs[-1], master)).abs().max() > (saved - load_full(out, master)).abs().max()
+
+
+def test_summary_counts_the_iterations_this_run_made(capsys):
+    """A continued run (init_keep_iteration, resume) reports what it ran, not the iteration it ended at."""
+    from pretrain.config import RunConfig
+    from pretrain.summary import print_summary
+    from pretrain.train import RunSummary
+
+    print_summary(RunConfig(), RunSummary(iterations=480, start_iteration=400, first_loss=2.0, last_loss=1.5, seconds=3))
+    assert "iterations        80 (iterations 400 -> 480) in 3.0 s" in capsys.readouterr().out
+    print_summary(RunConfig(), RunSummary(iterations=50, first_loss=2.0, last_loss=1.5, seconds=3))
+    assert "iterations        50 in 3.0 s" in capsys.readouterr().out
