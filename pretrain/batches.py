@@ -16,7 +16,7 @@ import torch
 from megatron.core import parallel_state
 
 from pretrain.config import ConfigError, RunConfig
-from pretrain.data.datasets import build_gpt_datasets
+from pretrain.data.datasets import build_gpt_datasets, describe_sources
 from pretrain.data.provenance import TokenizerMismatchError
 from pretrain.data.sampler import build_data_iterator
 from pretrain.data.tokenizer import build_tokenizer
@@ -30,6 +30,7 @@ class TrainingData:
     """The tokenizer's vocabulary size and factories for train and validation batches."""
 
     vocab_size: int
+    sources: List[dict]  # per dataset of the blend: prefix, weight, train and valid samples
     train_batches: Callable[[int], Iterator[List[dict]]]  # consumed_samples -> steps
     valid_batches: Callable[[], List[List[dict]]]
 
@@ -90,4 +91,5 @@ def build_training_data(cfg: RunConfig, platform: Platform) -> TrainingData:
         steps = _steps(it, per_step, platform.device)
         return [next(steps) for _ in range(t.eval_iters)]
 
-    return TrainingData(vocab_size=tokenizer.vocab_size, train_batches=train_batches, valid_batches=valid_batches)
+    return TrainingData(vocab_size=tokenizer.vocab_size, sources=describe_sources(datasets),
+                        train_batches=train_batches, valid_batches=valid_batches)

@@ -33,6 +33,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from pretrain import checkpoint as ckpt
 from pretrain import moe_metrics
+from pretrain.banner import parameter_counts, startup_banner
 from pretrain.batches import TrainingData, build_training_data
 from pretrain.config import RunConfig, schedule_lengths
 from pretrain.merging import build_merger, save_merged_checkpoint
@@ -280,6 +281,9 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
         scheduler.step(increment=state.iteration - scheduler.num_steps)
 
     logging_rank = is_logging_rank()
+    params = parameter_counts(model)  # collective
+    if platform.rank == 0:
+        print(startup_banner(cfg, platform, params, data.sources, data.vocab_size, _metrics_path(cfg)), flush=True)
     metrics = MetricsLogger(_metrics_path(cfg) if logging_rank else None,
                             tensorboard_dir=cfg.logging.tensorboard_dir if logging_rank else None,
                             run_dir=c.save if logging_rank else None)
@@ -363,7 +367,10 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
             if snapshot:
                 record["merge_snapshot_s"] = snapshot_s
             show = state.iteration % cfg.logging.log_interval == 0 or state.iteration == t.train_iters
-            metrics.log(record, stdout=_format_step(record, t.train_iters) if show else None)
+            # ETA from this run's mean wall time per iteration so far (evaluations and saves included).
+            eta_s = ((time.perf_counter() - start) / (state.iteration - summary.start_iteration)
+                     * (t.train_iters - state.iteration))
+            metrics.log(record, stdout=_format_step(record, t.train_iters, eta_s) if show else None)
             summary.losses.append(loss)
 
         if recovery is not None and recovery.spike_detected(state.iteration, loss, grad_norm):
@@ -435,9 +442,12 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _format_step(r: dict, total: int) -> str:
+def _format_step(r: dict, total: int, eta_s: float) -> str:
     grad = "n/a" if r["grad_norm"] is None else f"{r['grad_norm']:.3f}"
+    minutes, seconds = divmod(round(eta_s), 60)
+    hours, minutes = divmod(minutes, 60)
+    eta = f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
     return (
         f"iter {r['iteration']:6d}/{total} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | grad norm {grad} | "
-        f"{r['tokens_per_s']:.0f} tok/s | {r['iteration_time_s'] * 1000:.0f} ms"
+        f"{r['tokens_per_s']:.0f} tok/s | {r['iteration_time_s'] * 1000:.0f} ms | ETA {eta}"
     )

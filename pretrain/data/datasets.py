@@ -255,3 +255,18 @@ def build_gpt_datasets(
         if ds is not None:
             logger.info("%s dataset: %d samples of %d tokens", name, len(ds), seq_length)
     return GPTDatasets(train, valid, test)
+
+
+def describe_sources(datasets: GPTDatasets) -> List[dict]:
+    """One dict per dataset of the blend: ``prefix``, ``weight`` (normalised) and the ``train`` and
+    ``valid`` samples drawn from it (for the start-up banner)."""
+
+    def parts(split) -> List[tuple]:
+        if split is None:
+            return []
+        if hasattr(split, "datasets"):  # a BlendedDataset: per-dataset weights and samples
+            return [(d.dataset_path, w, len(d)) for d, w in zip(split.datasets, split.weights)]
+        return [(split.dataset_path, 1.0, len(split))]
+
+    train, valid = parts(datasets.train), {path: n for path, _, n in parts(datasets.valid)}
+    return [{"prefix": path, "weight": float(w), "train": n, "valid": valid.get(path, 0)} for path, w, n in train]
