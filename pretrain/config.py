@@ -494,11 +494,6 @@ def _require(ok: bool, message: str) -> bool:
     return False
 
 
-def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
-    p = cfg.parallel
-    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
-
-
 @dataclass(frozen=True)
 class ScheduleLengths:
     """The LR schedule in iterations, after fractions are resolved."""
