@@ -2,7 +2,7 @@
 
 A run is described by one YAML file whose top-level sections mirror the
 dataclasses below (``model``, ``moe``, ``parallel``, ``train``, ``optimizer``,
-``scheduler``, ``data``, ``checkpoint``, ``logging``, ``merge``). Every field is
+``scheduler``, ``data``, ``checkpoint``, ``logging``, ``merge``, ``recovery``, ``fault_injection``). Every field is
 documented where it is defined; ``python -m pretrain.config --reference``
 prints the reference as Markdown.
 
@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import difflib
+import logging
 import math
 import re
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -166,12 +168,17 @@ class SchedulerConfig:
         "Fractions keep a config valid at any train.train_iters; an iteration count, when set, wins."
     )
     wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = doc("linear", "Shape of the WSD decay.")
-    inject_spike_at: Optional[int] = doc(
-        None, "Fault injection for testing recovery: multiply the LR by inject_spike_factor from this iteration "
-        "(once per process)."
+
+
+@dataclass
+class FaultInjectionConfig:
+    """Deliberate faults, to try the recovery machinery (off by default)."""
+
+    lr_spike_at: Optional[int] = doc(
+        None, "Multiply the LR by lr_spike_factor from this iteration (once per process); null = off."
     )
-    inject_spike_factor: float = doc(1000.0, "LR multiplier of the injected spike.")
-    inject_spike_iters: int = doc(3, "Iterations the injected spike lasts.")
+    lr_spike_factor: float = doc(1000.0, "LR multiplier of the injected spike.")
+    lr_spike_iters: int = doc(3, "Iterations the injected spike lasts.")
 
 
 @dataclass
@@ -319,6 +326,15 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    fault_injection: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
+
+
+#: Keys that moved, old -> new: still read (with a warning when set), so shipped configs keep working.
+RENAMED_KEYS = {
+    "scheduler.inject_spike_at": "fault_injection.lr_spike_at",
+    "scheduler.inject_spike_factor": "fault_injection.lr_spike_factor",
+    "scheduler.inject_spike_iters": "fault_injection.lr_spike_iters",
+}
 
 
 # ---------------------------------------------------------------------------
@@ -437,7 +453,25 @@ def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) ->
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
+    _move_renamed_keys(tree)
     return _build(RunConfig, tree, "")
+
+
+def _move_renamed_keys(tree: dict) -> None:
+    defaults = to_dict(RunConfig())
+    for old, new in RENAMED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        section = tree.get(old_section)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        value = section.pop(old_key)
+        # Saved run configs hold every key: only a value someone set is worth a warning.
+        if value != defaults[new_section][new_key]:
+            warnings.warn(f"{old} is deprecated: use {new}", DeprecationWarning, stacklevel=3)
+            logging.getLogger(__name__).warning("%s is deprecated: use %s", old, new)
+        target = tree.setdefault(new_section, {})
+        if isinstance(target, dict):
+            target.setdefault(new_key, value)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -796,7 +830,7 @@ def _validate_merge(cfg: RunConfig) -> None:
 
 
 def _validate_init_and_recovery(cfg: RunConfig) -> None:
-    c, r, s = cfg.checkpoint, cfg.recovery, cfg.scheduler
+    c, r, f = cfg.checkpoint, cfg.recovery, cfg.fault_injection
     if c.init_from is not None:
         _require(Path(c.init_from).exists(), f"checkpoint.init_from: {c.init_from} does not exist")
         _require(c.load is None, "checkpoint.init_from starts a new phase and checkpoint.load resumes one: set only one")
@@ -806,9 +840,9 @@ def _validate_init_and_recovery(cfg: RunConfig) -> None:
                  f"checkpoint.init_merge_last: {c.init_merge_last} must be >= 2 (merging needs 2 checkpoints)")
         _require(c.init_merge_every >= 1, f"checkpoint.init_merge_every: {c.init_merge_every} must be >= 1")
         _require(0.0 < c.init_merge_alpha <= 1.0, f"checkpoint.init_merge_alpha: {c.init_merge_alpha} must be in (0, 1]")
-    if s.inject_spike_at is not None:
-        _require(s.inject_spike_at >= 1 and s.inject_spike_iters >= 1 and s.inject_spike_factor > 0,
-                 "scheduler.inject_spike_at/iters must be >= 1 and inject_spike_factor > 0")
+    if f.lr_spike_at is not None:
+        _require(f.lr_spike_at >= 1 and f.lr_spike_iters >= 1 and f.lr_spike_factor > 0,
+                 "fault_injection.lr_spike_at/lr_spike_iters must be >= 1 and lr_spike_factor > 0")
     if not r.enabled:
         return
     _require(r.loss_factor > 1.0, f"recovery.loss_factor: {r.loss_factor} must be > 1")

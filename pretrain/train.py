@@ -416,8 +416,8 @@ class LrSpikeInjection:
     """Fault injection for testing recovery: multiply the LR for a few iterations, once per process."""
 
     def __init__(self, cfg: RunConfig):
-        s = cfg.scheduler
-        self.start, self.length, self.factor = s.inject_spike_at, s.inject_spike_iters, s.inject_spike_factor
+        f = cfg.fault_injection
+        self.start, self.length, self.factor = f.lr_spike_at, f.lr_spike_iters, f.lr_spike_factor
         self.done: set[int] = set()
 
     def apply(self, optimizer, iteration: int) -> None:

@@ -286,3 +286,18 @@ def test_importing_the_stack_does_not_warn_about_missing_transformer_engine():
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "not installed" not in proc.stderr, proc.stderr
+
+
+def test_renamed_fault_injection_keys_are_still_read():
+    """scheduler.inject_spike_* moved to fault_injection.lr_spike_*; the old names still work, with a warning."""
+    with pytest.warns(DeprecationWarning, match=r"scheduler.inject_spike_at is deprecated: use fault_injection.lr_spike_at"):
+        cfg = config_from_dict({"scheduler": {"inject_spike_at": 30}}, ["scheduler.inject_spike_factor=50"])
+    assert (cfg.fault_injection.lr_spike_at, cfg.fault_injection.lr_spike_factor) == (30, 50.0)
+    assert not hasattr(cfg.scheduler, "inject_spike_at")
+    # A config saved before the move holds the old keys at their defaults: read silently.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = config_from_dict({"scheduler": {"inject_spike_at": None, "inject_spike_factor": 1000.0}})
+    assert cfg.fault_injection.lr_spike_at is None
