@@ -100,8 +100,8 @@ def gains_plot(results: dict, path: Path) -> Path:
             ax.bar(xs, [row[label] - row["raw"] for row in rows], width, color=COLORS[label], label=label)
         ax.set_xlabel("iteration (comparison point)")
         _style_delta_axes(ax, sigma, [str(row["point"]) for row in rows],
-                          f"{_title(name)}: gain over the newest checkpoint (N={s['main_n']}, V={s['main_v']})",
-                          "validation loss - raw", 8, band_label="+-2 sigma (checkpoint noise)")
+                          f"{_title(name)}: loss vs the newest checkpoint (N={s['main_n']}, V={s['main_v']})",
+                          "validation loss - raw (lower is better)", 8, band_label="+-2 sigma (checkpoint noise)")
     return _save(fig, path)
 
 
@@ -165,8 +165,8 @@ def pma_init_plot(results: dict, path: Path) -> Path:
     s = results["scale"]
     names = list(results["configs"])
     points = [str(p) for p in s["pma_points"]]
-    fig, axes = plt.subplots(2 * len(names), len(points), figsize=(5.0 * len(points), 3.2 * 2 * len(names)),
-                             squeeze=False, sharex="col")
+    fig, axes = plt.subplots(2 * len(names), len(points), figsize=(6.0 * len(points), 4.0 * 2 * len(names)),
+                             squeeze=False, sharex="col", gridspec_kw={"height_ratios": [3, 2] * len(names)})
     for k, name in enumerate(names):
         r = results["configs"][name]
         table = merge_table(r)

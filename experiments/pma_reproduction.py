@@ -542,8 +542,11 @@ def main(argv=None) -> int:
     pma_report.write_page(results, results_dir, doc)
     log.info("[%s] done: %s, %s, plots in %s", runner.elapsed(), _rel(str(results_dir / "results.json")),
              _rel(str(doc)), _rel(str(results_dir)))
+    if scale.name == "quick":
+        log.info("  quick scale: a short run, too early in training for most of the paper's claims; the verdicts "
+                 "below check the pipeline, not the paper (run without --quick for those)")
     for finding in results["findings"]:
-        log.info("  %-9s %s: %s", finding["verdict"], finding["claim"], finding["measured"])
+        log.info("  %-13s [%s] %s: %s", finding["verdict"], finding["config"], finding["claim"], finding["measured"])
     return 0
 
 

@@ -16,8 +16,9 @@ fi
 stamp_src="$(cat "$ROOT/pyproject.toml" ${CONSTRAINTS:+"$CONSTRAINTS"}; echo "$EXTRAS")"
 stamp="$VENV/.pretrain-installed-$(printf '%s' "$stamp_src" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  echo "[setup] installing torch, megatron-core and the project (extras: $EXTRAS)"
-  pip_args=(--disable-pip-version-check --quiet)
+  echo "[setup] installing torch, megatron-core and the project (extras: $EXTRAS; a few minutes the first time)"
+  # pip's own progress lines, not --quiet: minutes of silence read as a hang.
+  pip_args=(--disable-pip-version-check --progress-bar on)
   [ -n "$CONSTRAINTS" ] && pip_args+=(-c "$CONSTRAINTS")
   # torch first and alone, so it resolves to the pinned wheel and not a newer CUDA build.
   "$VENV/bin/python" -m pip install "${pip_args[@]}" torch

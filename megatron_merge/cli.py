@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -98,8 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     method = args.method or ("weights" if args.weights is not None else "sma")
+    if method == "weights" and args.weights is None:
+        parser.error("--method weights needs --weights W1,W2,... (one per checkpoint, oldest first)")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.workers > cores:
+        logger.warning("--workers %d is more than the %d CPU cores available: processes compete for them, "
+                       "which is slower than --workers %d", args.workers, cores, cores)
     try:
         return _run(args, method)
     except MergeError as err:
@@ -118,11 +125,13 @@ def _run(args: argparse.Namespace, method: str) -> int:
         alpha=args.alpha, weights=args.weights, normalize=not args.no_normalize,
         model_only=args.model_only, accumulate_dtype=args.accumulate_dtype, format=args.format,
     )
-    if args.dry_run:
-        check_output_path(args.out, [r.path for r in refs], args.force)
+    if args.dry_run:  # writes nothing, so an existing --out is only reported
+        exists = os.path.lexists(args.out)
+        check_output_path(args.out, [r.path for r in refs], force=True)
         plan = plan_merge(refs, method, **options)
         print(plan.describe())
-        print(f"output: {args.out} (dry run: nothing written)")
+        note = "; it exists: the merge needs --force to replace it" if exists and not args.force else ""
+        print(f"output: {args.out} (dry run: nothing written{note})")
         return 0
     result = merge_checkpoints(
         refs, args.out, method, **options,

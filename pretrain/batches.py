@@ -15,8 +15,9 @@ import torch
 
 from megatron.core import parallel_state
 
-from pretrain.config import RunConfig
-from pretrain.data.datasets import build_gpt_datasets
+from pretrain.config import ConfigError, RunConfig
+from pretrain.data.datasets import build_gpt_datasets, describe_sources
+from pretrain.data.provenance import TokenizerMismatchError
 from pretrain.data.sampler import build_data_iterator
 from pretrain.data.tokenizer import build_tokenizer
 from pretrain.platform import Platform
@@ -29,6 +30,7 @@ class TrainingData:
     """The tokenizer's vocabulary size and factories for train and validation batches."""
 
     vocab_size: int
+    sources: List[dict]  # per dataset of the blend: prefix, weight, train and valid samples
     train_batches: Callable[[int], Iterator[List[dict]]]  # consumed_samples -> steps
     valid_batches: Callable[[], List[List[dict]]]
 
@@ -57,18 +59,21 @@ def build_training_data(cfg: RunConfig, platform: Platform) -> TrainingData:
     """Tokenizer, megatron-core GPT datasets (default corpus when none is given) and batch factories."""
     t, d = cfg.train, cfg.data
     tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_file)
-    datasets = build_gpt_datasets(
-        tokenizer,
-        t.seq_length,
-        blend=[str(x) for x in d.data_path] or None,
-        split=d.split,
-        seed=t.seed,
-        train_samples=t.train_iters * t.global_batch_size,
-        valid_samples=t.eval_iters * t.global_batch_size,
-        index_cache_dir=d.cache_dir and f"{d.cache_dir}/index-cache",
-        corpus_cache_dir=d.cache_dir,
-        create_attention_mask=False,  # attention is causal; no [s, s] mask per sample
-    )
+    try:
+        datasets = build_gpt_datasets(
+            tokenizer,
+            t.seq_length,
+            blend=[str(x) for x in d.data_path] or None,
+            split=d.split,
+            seed=t.seed,
+            train_samples=t.train_iters * t.global_batch_size,
+            valid_samples=t.eval_iters * t.global_batch_size,
+            index_cache_dir=d.cache_dir and f"{d.cache_dir}/index-cache",
+            corpus_cache_dir=d.cache_dir,
+            create_attention_mask=False,  # attention is causal; no [s, s] mask per sample
+        )
+    except TokenizerMismatchError as exc:  # every rank sees it: a config error, said once
+        raise ConfigError(f"data.data_path / data.tokenizer: {exc}") from None
     per_step = microbatches_per_step(cfg)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -86,4 +91,5 @@ def build_training_data(cfg: RunConfig, platform: Platform) -> TrainingData:
         steps = _steps(it, per_step, platform.device)
         return [next(steps) for _ in range(t.eval_iters)]
 
-    return TrainingData(vocab_size=tokenizer.vocab_size, train_batches=train_batches, valid_batches=valid_batches)
+    return TrainingData(vocab_size=tokenizer.vocab_size, sources=describe_sources(datasets),
+                        train_batches=train_batches, valid_batches=valid_batches)

@@ -2,7 +2,7 @@
 
 A run is described by one YAML file whose top-level sections mirror the
 dataclasses below (``model``, ``moe``, ``parallel``, ``train``, ``optimizer``,
-``scheduler``, ``data``, ``checkpoint``, ``logging``, ``merge``). Every field is
+``scheduler``, ``data``, ``checkpoint``, ``logging``, ``merge``, ``recovery``, ``fault_injection``). Every field is
 documented where it is defined; ``python -m pretrain.config --reference``
 prints the reference as Markdown.
 
@@ -15,13 +15,17 @@ and what is allowed.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
+import logging
 import math
+import re
 import signal
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -158,17 +162,33 @@ class SchedulerConfig:
     style: Literal["constant", "linear", "cosine", "wsd", "inverse-square-root"] = doc(
         "wsd", "wsd = warmup, stable (constant) stage, then decay over wsd_decay_iters."
     )
-    warmup_iters: int = doc(0, "Linear warmup from init_lr to optimizer.lr.")
+    warmup_iters: Optional[int] = doc(
+        None, "Linear warmup from init_lr to optimizer.lr, in iterations; null = warmup_fraction x decay_iters."
+    )
+    warmup_fraction: float = doc(
+        0.0, "Warmup as a fraction of decay_iters (rounded down), used while warmup_iters is null."
+    )
     init_lr: float = doc(0.0, "Learning rate at iteration 0 of the warmup.")
     decay_iters: Optional[int] = doc(None, "Iteration where decay ends; null = train.train_iters.")
-    wsd_decay_iters: Optional[int] = doc(None, "Length of the WSD decay stage; null = 10% of decay_iters.")
-    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = doc("linear", "Shape of the WSD decay.")
-    inject_spike_at: Optional[int] = doc(
-        None, "Fault injection for testing recovery: multiply the LR by inject_spike_factor from this iteration "
-        "(once per process)."
+    wsd_decay_iters: Optional[int] = doc(
+        None, "Length of the WSD decay stage in iterations; null = wsd_decay_fraction x decay_iters."
     )
-    inject_spike_factor: float = doc(1000.0, "LR multiplier of the injected spike.")
-    inject_spike_iters: int = doc(3, "Iterations the injected spike lasts.")
+    wsd_decay_fraction: float = doc(
+        0.1, "WSD decay as a fraction of decay_iters (rounded down, at least 1), used while wsd_decay_iters is null. "
+        "Fractions keep a config valid at any train.train_iters; an iteration count, when set, wins."
+    )
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = doc("linear", "Shape of the WSD decay.")
+
+
+@dataclass
+class FaultInjectionConfig:
+    """Deliberate faults, to try the recovery machinery (off by default)."""
+
+    lr_spike_at: Optional[int] = doc(
+        None, "Multiply the LR by lr_spike_factor from this iteration (once per process); null = off."
+    )
+    lr_spike_factor: float = doc(1000.0, "LR multiplier of the injected spike.")
+    lr_spike_iters: int = doc(3, "Iterations the injected spike lasts.")
 
 
 @dataclass
@@ -177,13 +197,21 @@ class DataConfig:
 
     data_path: list = doc(
         [],
-        "Dataset prefixes (PREFIX.bin/.idx), optionally weighted: [0.7, a, 0.3, b]. "
+        "Dataset prefixes (PREFIX.bin/.idx; a trailing .bin or .idx is dropped), optionally weighted: [0.7, a, 0.3, b]. "
         "Empty = the embedded default corpus, built on first use.",
     )
     split: str = doc("98,2,0", "Train/valid/test split of each dataset, in parts.")
     tokenizer: Literal["byte", "hf"] = doc("byte", "byte = built-in byte-level tokenizer; hf = a tokenizers JSON file.")
     tokenizer_file: Optional[str] = doc(None, "Hugging Face tokenizer.json (tokenizer: hf).")
     cache_dir: Optional[str] = doc(None, "Where dataset indices and the default corpus are cached.")
+    allow_default_corpus: bool = doc(
+        True, "Allow an empty data_path (the small embedded corpus); the paper-scale configs set false, so "
+        "they refuse to start without real data."
+    )
+
+    def __post_init__(self) -> None:
+        # A prefix given as PREFIX.bin or PREFIX.idx (a file the user can see) means PREFIX.
+        self.data_path = [re.sub(r"\.(bin|idx)$", "", x) if isinstance(x, str) else x for x in self.data_path]
 
 
 @dataclass
@@ -326,6 +354,15 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    fault_injection: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
+
+
+#: Keys that moved, old -> new: still read (with a warning when set), so shipped configs keep working.
+RENAMED_KEYS = {
+    "scheduler.inject_spike_at": "fault_injection.lr_spike_at",
+    "scheduler.inject_spike_factor": "fault_injection.lr_spike_factor",
+    "scheduler.inject_spike_iters": "fault_injection.lr_spike_iters",
+}
 
 
 # ---------------------------------------------------------------------------
@@ -444,7 +481,25 @@ def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) ->
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
+    _move_renamed_keys(tree)
     return _build(RunConfig, tree, "")
+
+
+def _move_renamed_keys(tree: dict) -> None:
+    defaults = to_dict(RunConfig())
+    for old, new in RENAMED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        section = tree.get(old_section)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        value = section.pop(old_key)
+        # Saved run configs hold every key: only a value someone set is worth a warning.
+        if value != defaults[new_section][new_key]:
+            warnings.warn(f"{old} is deprecated: use {new}", DeprecationWarning, stacklevel=3)
+            logging.getLogger(__name__).warning("%s is deprecated: use %s", old, new)
+        target = tree.setdefault(new_section, {})
+        if isinstance(target, dict):
+            target.setdefault(new_key, value)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -461,6 +516,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return config_from_dict(data, overrides)
+
+
+def declared_world_size(path: str | Path) -> Optional[int]:
+    """The world size a config file says it is for (a comment line ``# world_size: N``), or None."""
+    for line in Path(path).read_text().splitlines():
+        key, _, value = line.lstrip("#").partition(":")
+        if line.startswith("#") and key.strip() == "world_size" and value.strip().isdigit():
+            return int(value)
+    return None
 
 
 def to_dict(cfg: Any) -> dict:
@@ -480,22 +544,91 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 # Validation: every rule names the key(s) involved.
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
+def _require(ok: bool, message: str) -> bool:
+    """Report ``message`` unless ``ok``: collected while :func:`validation_errors` runs, else raised.
+    Returns ``ok``, so a section can stop before checks that build on a bad value."""
+    if ok:
+        return True
+    errors = _collected.get()
+    if errors is None:
         raise ConfigError(message)
+    errors.append(message)
+    return False
 
 
-def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
-    p = cfg.parallel
-    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+@dataclass(frozen=True)
+class ScheduleLengths:
+    """The LR schedule in iterations, after fractions are resolved."""
+
+    warmup: int
+    decay: int  # iteration where the decay ends
+    wsd_decay: int  # length of the WSD decay stage
+
+
+def schedule_lengths(cfg: RunConfig) -> ScheduleLengths:
+    """Resolve scheduler.*_iters / *_fraction against the run's length (an iteration count wins)."""
+    s = cfg.scheduler
+    decay = s.decay_iters if s.decay_iters is not None else max(1, cfg.train.train_iters)
+
+    def share(fraction: float) -> int:  # rounded down; the epsilon keeps 0.29 x 100 at 29
+        return math.floor(fraction * decay + 1e-9)
+
+    warmup = s.warmup_iters if s.warmup_iters is not None else share(s.warmup_fraction)
+    wsd_decay = s.wsd_decay_iters if s.wsd_decay_iters is not None else max(1, share(s.wsd_decay_fraction))
+    return ScheduleLengths(warmup=warmup, decay=decay, wsd_decay=wsd_decay)
 
 
 def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: Optional[bool] = None) -> None:
-    """Check a config for consistency; with ``world_size`` also against the launch.
+    """Check a config for consistency; with ``world_size`` also against the launch, and against
+    a machine with (``cuda_available=True``) or without CUDA (default: this machine).
 
-    Raises ConfigError naming the key, the value and what is allowed.
+    Raises one ConfigError listing every problem found, each naming the key, the value and
+    what is allowed.
     """
-    m, p, t, o, s, d, c = cfg.model, cfg.parallel, cfg.train, cfg.optimizer, cfg.scheduler, cfg.data, cfg.checkpoint
+    errors = validation_errors(cfg, world_size, cuda_available)
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    if errors:
+        raise ConfigError(f"{len(errors)} problems:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+_collected: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("config_errors", default=None)
+
+
+def validation_errors(cfg: RunConfig, world_size: Optional[int] = None,
+                      cuda_available: Optional[bool] = None) -> list[str]:
+    """Every problem of ``cfg`` (see :func:`validate`), in the order of the sections."""
+    cuda = _cuda_available() if cuda_available is None else cuda_available
+    errors: list[str] = []
+    token = _collected.set(errors)
+    try:
+        _validate_sizes(cfg)
+        if errors:  # the checks below divide by these sizes
+            return errors
+        for section in (_validate_shape, _validate_moe, _validate_merge, _validate_init_and_recovery,
+                        _validate_stopping_and_retention, _validate_optimizer, _validate_schedule, _validate_data):
+            _run_section(errors, lambda: section(cfg))
+        _run_section(errors, lambda: _validate_platform(cfg, cuda))
+        if world_size is not None:
+            _run_section(errors, lambda: _validate_launch(cfg, world_size))
+    finally:
+        _collected.reset(token)
+    return errors
+
+
+def _run_section(errors: list[str], section) -> None:
+    """Run one group of checks; one that trips over a value already reported stops quietly."""
+    try:
+        section()
+    except ConfigError as exc:  # raised directly (not through _require)
+        errors.append(str(exc))
+    except Exception:
+        if not errors:
+            raise
+
+
+def _validate_sizes(cfg: RunConfig) -> None:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
     for key, value in [
         ("model.num_layers", m.num_layers),
         ("model.hidden_size", m.hidden_size),
@@ -513,6 +646,9 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
     ]:
         _require(value >= 1, f"{key}: {value} must be a positive integer")
 
+
+def _validate_shape(cfg: RunConfig) -> None:
+    m, p, t, c = cfg.model, cfg.parallel, cfg.train, cfg.checkpoint
     _require(t.train_iters >= 0, f"train.train_iters: {t.train_iters} must be >= 0 (0: load or merge, evaluate, save)")
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     _require(
@@ -529,7 +665,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
         m.num_attention_heads % groups == 0,
         f"model.num_query_groups: {groups} does not divide model.num_attention_heads={m.num_attention_heads}",
     )
-    _require(groups % tp == 0, f"parallel.tensor_model_parallel_size: {tp} does not divide model.num_query_groups={groups}")
+    if m.num_query_groups is not None:  # else groups are the heads, checked above
+        _require(groups % tp == 0, f"parallel.tensor_model_parallel_size: {tp} does not divide model.num_query_groups={groups}")
     _require(m.ffn_hidden_size % tp == 0, f"parallel.tensor_model_parallel_size: {tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
     _require(
         m.make_vocab_size_divisible_by % tp == 0,
@@ -563,44 +700,43 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
         _require(m.recompute_num_layers is not None and m.recompute_num_layers >= 1,
                  "model.recompute_num_layers must be >= 1 with model.recompute_granularity: full")
 
-    _validate_moe(cfg)
-    _validate_merge(cfg)
-    _validate_init_and_recovery(cfg)
-    _validate_stopping_and_retention(cfg)
 
-    # Optimizer and schedule.
-    _require(o.lr > 0 and math.isfinite(o.lr), f"optimizer.lr: {o.lr} must be a positive number")
+def _validate_optimizer(cfg: RunConfig) -> None:
+    o = cfg.optimizer
+    if not _require(o.lr > 0 and math.isfinite(o.lr), f"optimizer.lr: {o.lr} must be a positive number"):
+        return
     _require(0 <= o.min_lr <= o.lr, f"optimizer.min_lr: {o.min_lr} must be in [0, optimizer.lr={o.lr}]")
     _require(o.weight_decay >= 0, f"optimizer.weight_decay: {o.weight_decay} must be >= 0")
     _require(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optimizer.adam_beta1/adam_beta2 must be in [0, 1)")
     _require(o.adam_eps > 0, f"optimizer.adam_eps: {o.adam_eps} must be > 0")
     _require(o.clip_grad >= 0, f"optimizer.clip_grad: {o.clip_grad} must be >= 0 (0 disables clipping)")
-    decay = s.decay_iters if s.decay_iters is not None else max(1, t.train_iters)
-    _require(decay >= 1, f"scheduler.decay_iters: {decay} must be >= 1")
-    _require(0 <= s.warmup_iters < decay, f"scheduler.warmup_iters: {s.warmup_iters} must be in [0, decay_iters={decay})")
-    _require(0 <= s.init_lr <= o.lr, f"scheduler.init_lr: {s.init_lr} must be in [0, optimizer.lr={o.lr}]")
-    if s.style == "wsd" and s.wsd_decay_iters is not None:
-        _require(
-            0 < s.wsd_decay_iters <= decay - s.warmup_iters,
-            f"scheduler.wsd_decay_iters: {s.wsd_decay_iters} must be in [1, decay_iters - warmup_iters = {decay - s.warmup_iters}]",
-        )
 
-    # Training shape.
+
+def _validate_data(cfg: RunConfig) -> None:
+    t, d, c = cfg.train, cfg.data, cfg.checkpoint
     if t.eval_interval is not None:
         _require(t.eval_interval >= 1, f"train.eval_interval: {t.eval_interval} must be null or >= 1")
     if c.save_interval is not None:
         _require(c.save_interval >= 1, f"checkpoint.save_interval: {c.save_interval} must be null or >= 1")
     if d.tokenizer == "hf":
         _require(d.tokenizer_file is not None, "data.tokenizer: hf needs data.tokenizer_file (a tokenizers JSON file)")
-        _require(Path(d.tokenizer_file).is_file(), f"data.tokenizer_file: {d.tokenizer_file} does not exist")
+        if d.tokenizer_file is not None:
+            _require(Path(d.tokenizer_file).is_file(), f"data.tokenizer_file: {d.tokenizer_file} does not exist")
+    _require(bool(d.data_path) or d.allow_default_corpus,
+             "data.data_path is empty and this config sets data.allow_default_corpus: false (a run of this size "
+             "must not train on the small embedded corpus): give data.data_path=[/data/corpus] (made with "
+             "pretrain-preprocess, with the tokenizer of data.tokenizer)")
     _validate_data_paths(d)
     _validate_split(d.split)
     if c.load is not None:
         _require(Path(c.load).exists(), f"checkpoint.load: {c.load} does not exist")
 
-    # Platform.
-    cuda = _cuda_available() if cuda_available is None else cuda_available
+
+def _validate_platform(cfg: RunConfig, cuda: bool) -> None:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
     on_cpu = t.device == "cpu" or (t.device == "auto" and not cuda)
+    if cfg.merge.enabled and cfg.merge.storage == "device":
+        _require(not on_cpu, "merge.storage: device keeps snapshots in GPU memory and needs CUDA; use host on CPUs")
     if t.device == "cuda":
         _require(cuda, "train.device: cuda was requested but CUDA is not available")
     if on_cpu:
@@ -618,29 +754,34 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
         _require(not p.overlap_grad_reduce and not p.overlap_param_gather,
                  "parallel.overlap_grad_reduce/overlap_param_gather need CUDA streams; set them false on CPU")
 
-    if world_size is not None:
-        mp = tp * pp
-        _require(
-            world_size % mp == 0,
-            f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size x "
-            f"parallel.pipeline_model_parallel_size = {tp} x {pp} = {mp}",
-        )
-        dp = world_size // mp
-        _require(
-            t.global_batch_size % (t.micro_batch_size * dp) == 0,
-            f"train.global_batch_size: {t.global_batch_size} is not divisible by train.micro_batch_size x "
-            f"data-parallel size = {t.micro_batch_size} x {dp}",
-        )
-        ep = p.expert_model_parallel_size
-        etp = p.expert_tensor_parallel_size or tp
-        _require(
-            (world_size // pp) % (ep * etp) == 0,
-            f"parallel.expert_model_parallel_size x expert_tensor_parallel_size = {ep} x {etp} does not divide "
-            f"the {world_size // pp} ranks of a pipeline stage",
-        )
-        if pp > 1 and vp is not None and vp > 1:
-            micro = t.global_batch_size // (t.micro_batch_size * dp)
-            _require(micro % pp == 0, f"interleaved pipelining needs microbatches per step ({micro}) divisible by PP={pp}")
+
+def _validate_launch(cfg: RunConfig, world_size: int) -> None:
+    p, t = cfg.parallel, cfg.train
+    tp, pp, vp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    mp = tp * pp
+    _require(
+        world_size % mp == 0,
+        f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size x "
+        f"parallel.pipeline_model_parallel_size = {tp} x {pp} = {mp}",
+    )
+    if world_size % mp:
+        return  # the checks below need a whole data-parallel size
+    dp = world_size // mp
+    _require(
+        t.global_batch_size % (t.micro_batch_size * dp) == 0,
+        f"train.global_batch_size: {t.global_batch_size} is not divisible by train.micro_batch_size x "
+        f"data-parallel size = {t.micro_batch_size} x {dp}",
+    )
+    ep = p.expert_model_parallel_size
+    etp = p.expert_tensor_parallel_size or tp
+    _require(
+        (world_size // pp) % (ep * etp) == 0,
+        f"parallel.expert_model_parallel_size x expert_tensor_parallel_size = {ep} x {etp} does not divide "
+        f"the {world_size // pp} ranks of a pipeline stage",
+    )
+    if pp > 1 and vp is not None and vp > 1:
+        micro = t.global_batch_size // (t.micro_batch_size * dp)
+        _require(micro % pp == 0, f"interleaved pipelining needs microbatches per step ({micro}) divisible by PP={pp}")
 
 
 def merge_interval_iterations(cfg: RunConfig) -> int:
@@ -649,6 +790,38 @@ def merge_interval_iterations(cfg: RunConfig) -> int:
     if m.interval is not None:
         return m.interval
     return max(1, round(m.interval_tokens / (cfg.train.global_batch_size * cfg.train.seq_length)))
+
+
+def _validate_schedule(cfg: RunConfig) -> None:
+    s, o = cfg.scheduler, cfg.optimizer
+    if o.lr > 0:  # else reported with the optimizer
+        _require(0 <= s.init_lr <= o.lr, f"scheduler.init_lr: {s.init_lr} must be in [0, optimizer.lr={o.lr}]")
+    fractions_ok = _require(0 <= s.warmup_fraction < 1,
+                            f"scheduler.warmup_fraction: {s.warmup_fraction} must be in [0, 1)")
+    fractions_ok &= _require(0 < s.wsd_decay_fraction <= 1,
+                             f"scheduler.wsd_decay_fraction: {s.wsd_decay_fraction} must be in (0, 1]")
+    lengths = schedule_lengths(cfg)
+    decay = lengths.decay
+    if not (fractions_ok and _require(decay >= 1, f"scheduler.decay_iters: {decay} must be >= 1")):
+        return
+    # Name the key the user set; a fraction's message shows what it resolved to.
+    warmup_key = ("scheduler.warmup_iters:" if s.warmup_iters is not None
+                  else f"scheduler.warmup_fraction: {s.warmup_fraction:g} x decay_iters =")
+    if not _require(0 <= lengths.warmup < decay, f"{warmup_key} {lengths.warmup} must be in [0, decay_iters={decay})"):
+        return
+    if s.style == "wsd":
+        if s.wsd_decay_iters is None and s.warmup_iters is None:
+            if not _require(s.warmup_fraction + s.wsd_decay_fraction <= 1,
+                            f"scheduler.warmup_fraction + wsd_decay_fraction = {s.warmup_fraction:g} + "
+                            f"{s.wsd_decay_fraction:g} must be <= 1"):
+                return
+        wsd_key = ("scheduler.wsd_decay_iters:" if s.wsd_decay_iters is not None
+                   else f"scheduler.wsd_decay_fraction: {s.wsd_decay_fraction:g} x decay_iters =")
+        _require(
+            0 < lengths.wsd_decay <= decay - lengths.warmup,
+            f"{wsd_key} {lengths.wsd_decay} must be in [1, decay_iters - warmup = {decay} - {lengths.warmup} = "
+            f"{decay - lengths.warmup}] (scheduler.wsd_decay_fraction scales with the run)",
+        )
 
 
 def _validate_merge(cfg: RunConfig) -> None:
@@ -682,9 +855,6 @@ def _validate_merge(cfg: RunConfig) -> None:
         _require(interval % c.save_interval == 0,
                  f"merge.storage: disk needs the merge interval ({interval} iterations) to be a multiple of "
                  f"checkpoint.save_interval={c.save_interval}")
-    if m.storage == "device":
-        _require(_cuda_available() and cfg.train.device != "cpu",
-                 "merge.storage: device keeps snapshots in GPU memory and needs CUDA; use host on CPUs")
 
 
 def _validate_stopping_and_retention(cfg: RunConfig) -> None:
@@ -712,7 +882,7 @@ def _validate_stopping_and_retention(cfg: RunConfig) -> None:
 
 
 def _validate_init_and_recovery(cfg: RunConfig) -> None:
-    c, r, s = cfg.checkpoint, cfg.recovery, cfg.scheduler
+    c, r, f = cfg.checkpoint, cfg.recovery, cfg.fault_injection
     if c.init_from is not None:
         _require(Path(c.init_from).exists(), f"checkpoint.init_from: {c.init_from} does not exist")
         _require(c.load is None, "checkpoint.init_from starts a new phase and checkpoint.load resumes one: set only one")
@@ -722,9 +892,9 @@ def _validate_init_and_recovery(cfg: RunConfig) -> None:
                  f"checkpoint.init_merge_last: {c.init_merge_last} must be >= 2 (merging needs 2 checkpoints)")
         _require(c.init_merge_every >= 1, f"checkpoint.init_merge_every: {c.init_merge_every} must be >= 1")
         _require(0.0 < c.init_merge_alpha <= 1.0, f"checkpoint.init_merge_alpha: {c.init_merge_alpha} must be in (0, 1]")
-    if s.inject_spike_at is not None:
-        _require(s.inject_spike_at >= 1 and s.inject_spike_iters >= 1 and s.inject_spike_factor > 0,
-                 "scheduler.inject_spike_at/iters must be >= 1 and inject_spike_factor > 0")
+    if f.lr_spike_at is not None:
+        _require(f.lr_spike_at >= 1 and f.lr_spike_iters >= 1 and f.lr_spike_factor > 0,
+                 "fault_injection.lr_spike_at/lr_spike_iters must be >= 1 and lr_spike_factor > 0")
     if not r.enabled:
         return
     _require(r.loss_factor > 1.0, f"recovery.loss_factor: {r.loss_factor} must be > 1")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from pretrain.config import ConfigError, RunConfig, load_config, validate
+from pretrain.fatal import report_fatal
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +119,10 @@ def evaluate_checkpoints(cfg: RunConfig, checkpoints: list[Path], out: Optional[
                       "load_s": round(loaded - began, 3), "eval_s": round(time.perf_counter() - loaded, 3),
                       **_merge_description(directory)}
             records.append(record)
+            # The JSON line on stdout (for pipes), the readable one on stderr.
+            print(json.dumps(record), flush=True)
             print(f"[{index}/{len(checkpoints)}] iteration {state.iteration:7d} | validation loss {val_loss:.6f} | "
-                  f"{path}", flush=True)
+                  f"{path}", file=sys.stderr, flush=True)
             if sink is not None:
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
@@ -134,13 +137,11 @@ def main(argv=None) -> int:
     from pretrain.__main__ import _configure_logging
 
     _configure_logging(args.log_level)
-    rank0 = int(os.environ.get("RANK", 0)) == 0
     checkpoints = [Path(p) for p in args.checkpoints]
     missing = [str(p) for p in checkpoints if not p.exists()]
     if missing:
-        if rank0:
-            hint = " (config overrides go before --checkpoints)" if any("=" in m for m in missing) else ""
-            print(f"error: no such checkpoint: {', '.join(missing)}{hint}", file=sys.stderr)
+        hint = " (config overrides go before --checkpoints)" if any("=" in m for m in missing) else ""
+        report_fatal(f"no such checkpoint: {', '.join(missing)}{hint}")
         return 2
 
     from pretrain.checkpoint import CheckpointError
@@ -149,8 +150,7 @@ def main(argv=None) -> int:
         cfg = evaluation_config(args.config, args.overrides, checkpoints[0])
         validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
     except (ConfigError, CheckpointError) as exc:
-        if rank0:
-            print(f"error: {exc}", file=sys.stderr)
+        report_fatal(str(exc))
         return 2
 
     from pretrain.platform import process_group_teardown
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         try:
             evaluate_checkpoints(cfg, checkpoints, Path(args.out) if args.out else None)
         except (CheckpointError, ConfigError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            report_fatal(str(exc))
             return 1
     return 0
 

@@ -139,7 +139,8 @@ class LossSpikeRecovery:
             "optimizer": r.optimizer, "skipped_samples": consumed - restored.consumed_samples,
             "retry": self.retries,
         }
-        logger.warning("loss spike at iteration %d (%s): rolled back to iteration %d with the %s of checkpoints %s",
-                       state.iteration, self.reason, restored.iteration, record["method"], good)
+        if not dist.is_initialized() or dist.get_rank() == 0:  # every rank rolls back; say it once
+            logger.warning("loss spike at iteration %d (%s): rolled back to iteration %d with the %s of checkpoints %s",
+                           state.iteration, self.reason, restored.iteration, record["method"], good)
         self.consecutive, self.spike_start = 0, None
         return ckpt.TrainState(iteration=restored.iteration, consumed_samples=consumed), record

@@ -9,7 +9,9 @@ def print_summary(cfg: RunConfig, summary) -> None:
     if summary.first_loss is None and not summary.evaluations:
         return  # not the logging rank
     lines = ["", "=" * 72, "run summary"]
-    lines.append(f"  iterations        {summary.iterations} in {summary.seconds:.1f} s")
+    run = summary.iterations - summary.start_iteration
+    span = f" (iterations {summary.start_iteration} -> {summary.iterations})" if summary.start_iteration else ""
+    lines.append(f"  iterations        {run}{span} in {summary.seconds:.1f} s")
     if summary.first_loss is not None:
         lines.append(f"  training loss     {summary.first_loss:.4f} (first) -> {summary.last_loss:.4f} (last)")
     if summary.evaluations:

@@ -34,8 +34,9 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from pretrain import checkpoint as ckpt
 from pretrain import moe_metrics
 from pretrain.async_save import AsyncCheckpointSaver
+from pretrain.banner import parameter_counts, startup_banner
 from pretrain.batches import TrainingData, build_training_data
-from pretrain.config import RunConfig
+from pretrain.config import RunConfig, schedule_lengths
 from pretrain.merging import MERGED_DIR, build_merger, save_merged_checkpoint
 from pretrain.metrics import MetricsLogger, roll_back
 from pretrain.pma_init import initialize_from
@@ -57,7 +58,8 @@ class NonFiniteLossError(RuntimeError):
 class RunSummary:
     """What a finished run reports (on every rank; losses are filled on the logging rank)."""
 
-    iterations: int = 0
+    iterations: int = 0  # the iteration the run ended at
+    start_iteration: int = 0  # ... and began at (resumed or continued runs start above 0)
     first_loss: Optional[float] = None
     last_loss: Optional[float] = None
     losses: List[float] = field(default_factory=list)
@@ -128,15 +130,15 @@ def build_optimizer(cfg: RunConfig, model_chunks):
 def build_scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
     """Warmup, then constant / linear / cosine / WSD decay, counted in iterations."""
     s, o = cfg.scheduler, cfg.optimizer
-    decay_iters = s.decay_iters if s.decay_iters is not None else max(1, cfg.train.train_iters)
+    lengths = schedule_lengths(cfg)
+    decay_iters, wsd_decay = lengths.decay, lengths.wsd_decay
     style = {"wsd": "WSD"}.get(s.style, s.style)
-    wsd_decay = s.wsd_decay_iters if s.wsd_decay_iters is not None else max(1, decay_iters // 10)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=s.init_lr,
         max_lr=o.lr,
         min_lr=o.min_lr,
-        lr_warmup_steps=s.warmup_iters,
+        lr_warmup_steps=lengths.warmup,
         lr_decay_steps=decay_iters,
         lr_decay_style=style,
         start_wd=o.weight_decay,
@@ -293,6 +295,9 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
     refuse_overwrite(cfg, state.iteration)
 
     logging_rank = is_logging_rank()
+    params = parameter_counts(model)  # collective
+    if platform.rank == 0:
+        print(startup_banner(cfg, platform, params, data.sources, data.vocab_size, _metrics_path(cfg)), flush=True)
     rolled_back = 0
     if logging_rank and _metrics_path(cfg):
         # A resumed run drops the records the crashed one wrote after its checkpoint; a fresh start all.
@@ -318,7 +323,7 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
     spike = LrSpikeInjection(cfg)
     train_batches = data.train_batches(state.consumed_samples)
     valid_batches = data.valid_batches()
-    summary = RunSummary()
+    summary = RunSummary(start_iteration=state.iteration)
     tokens_per_step = t.global_batch_size * t.seq_length
     start = time.perf_counter()
     last_saved = None
@@ -397,7 +402,10 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
             if snapshot:
                 record["merge_snapshot_s"] = snapshot_s
             show = state.iteration % cfg.logging.log_interval == 0 or state.iteration == t.train_iters
-            metrics.log(record, stdout=_format_step(record, t.train_iters) if show else None)
+            # ETA from this run's mean wall time per iteration so far (evaluations and saves included).
+            eta_s = ((time.perf_counter() - start) / (state.iteration - summary.start_iteration)
+                     * (t.train_iters - state.iteration))
+            metrics.log(record, stdout=_format_step(record, t.train_iters, eta_s) if show else None)
             summary.losses.append(loss)
 
         if recovery is not None and recovery.spike_detected(state.iteration, loss, grad_norm):
@@ -457,8 +465,8 @@ class LrSpikeInjection:
     """Fault injection for testing recovery: multiply the LR for a few iterations, once per process."""
 
     def __init__(self, cfg: RunConfig):
-        s = cfg.scheduler
-        self.start, self.length, self.factor = s.inject_spike_at, s.inject_spike_iters, s.inject_spike_factor
+        f = cfg.fault_injection
+        self.start, self.length, self.factor = f.lr_spike_at, f.lr_spike_iters, f.lr_spike_factor
         self.done: set[int] = set()
 
     def apply(self, optimizer, iteration: int) -> None:
@@ -483,9 +491,12 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _format_step(r: dict, total: int) -> str:
+def _format_step(r: dict, total: int, eta_s: float) -> str:
     grad = "n/a" if r["grad_norm"] is None else f"{r['grad_norm']:.3f}"
+    minutes, seconds = divmod(round(eta_s), 60)
+    hours, minutes = divmod(minutes, 60)
+    eta = f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
     return (
         f"iter {r['iteration']:6d}/{total} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | grad norm {grad} | "
-        f"{r['tokens_per_s']:.0f} tok/s | {r['iteration_time_s'] * 1000:.0f} ms"
+        f"{r['tokens_per_s']:.0f} tok/s | {r['iteration_time_s'] * 1000:.0f} ms | ETA {eta}"
     )

@@ -221,7 +221,7 @@ def test_default_corpus_deterministic_and_reused(tmp_path):
     with open(prefixes.pop() + ".bin", "rb") as fc, open(a + ".bin", "rb") as fa:
         assert fc.read() == fa.read()
     assert sorted(f for f in os.listdir(tmp_path / "c") if not f.startswith(".build")) == \
-        sorted(os.path.basename(a) + ext for ext in (".bin", ".idx"))
+        sorted(os.path.basename(a) + ext for ext in (".bin", ".idx", ".tokenizer.json"))
 
 
 def test_default_corpus_cache_env(tmp_path, monkeypatch):
@@ -277,6 +277,55 @@ def test_build_gpt_datasets_weighted_blend(tmp_path):
     assert len(ds.train) >= 200 and len(ds.valid) >= 20
     ids = numpy.array([int(ds.train[i]["dataset_id"]) for i in range(len(ds.train))])
     assert abs((ids == 0).mean() - 0.7) < 0.05
+
+
+def test_preprocess_records_the_tokenizer_and_start_up_checks_it(tmp_path, hf_tokenizer_file):
+    """Data preprocessed with one tokenizer and trained with another is refused, naming both."""
+    from pretrain.data.provenance import TokenizerMismatchError, file_sha256, read_record
+
+    docs = [f"the quick brown fox number {i} jumps" for i in range(40)]
+    prefix = str(tmp_path / "hf")
+    assert preprocess_main(["--input", _write_docs(tmp_path, "hf", docs), "--output-prefix", prefix,
+                            "--tokenizer", "hf", "--tokenizer-file", hf_tokenizer_file, "--no-progress"]) == 0
+    hf = build_tokenizer("hf", hf_tokenizer_file)
+    record = read_record(prefix)
+    largest = max(int(ids.max()) for ids in read_documents(prefix))
+    assert record == {"kind": "hf", "vocab_size": hf.vocab_size, "eod": hf.eod, "max_token_id": largest,
+                      "tokenizer_file": os.path.abspath(hf_tokenizer_file),
+                      "tokenizer_sha256": file_sha256(hf_tokenizer_file)}
+    assert largest >= ByteTokenizer().vocab_size  # the byte model's embedding would index out of range
+
+    with pytest.raises(TokenizerMismatchError) as info:
+        build_gpt_datasets(ByteTokenizer(), 8, blend=[prefix], split="90,10,0", train_samples=20)
+    message = str(info.value)
+    assert "preprocessed with the hf tokenizer (vocab_size" in message and "uses the byte tokenizer (vocab_size 257)" in message
+    assert f"data.tokenizer=hf data.tokenizer_file={os.path.abspath(hf_tokenizer_file)}" in message
+
+    # Without the record (data from elsewhere) the largest token id is read from the .bin.
+    os.remove(prefix + ".tokenizer.json")
+    with pytest.raises(TokenizerMismatchError, match=rf"token id {largest} is out of range for the byte tokenizer"):
+        build_gpt_datasets(ByteTokenizer(), 8, blend=[prefix], split="90,10,0", train_samples=20)
+    build_gpt_datasets(hf, 8, blend=[prefix], split="90,10,0", train_samples=20)  # the right one passes
+
+    # Byte data read with the hf tokenizer: ids in range, but a different vocabulary.
+    byte_prefix, _ = _numbered_dataset(tmp_path, n_docs=20)
+    assert read_record(byte_prefix)["kind"] == "byte"
+    with pytest.raises(TokenizerMismatchError, match=r"preprocessed with the byte tokenizer .* uses the hf"):
+        build_gpt_datasets(hf, 8, blend=[byte_prefix], split="90,10,0", train_samples=20)
+
+
+def test_pretrain_refuses_data_of_another_tokenizer(tmp_path, hf_tokenizer_file):
+    """Through `python -m pretrain`: one `error:` line naming the key, exit status 1, before any step."""
+    prefix = str(tmp_path / "hf")
+    assert preprocess_main(["--input", _write_docs(tmp_path, "hf", ["the lazy dog"] * 40), "--output-prefix",
+                            prefix, "--tokenizer", "hf", "--tokenizer-file", hf_tokenizer_file, "--no-progress"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "pretrain", f"data.data_path=[{prefix}]", "data.split=90,10,0",
+                           "train.train_iters=2", "checkpoint.save=null", "merge.enabled=false"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
+    assert "data.data_path / data.tokenizer:" in errors[0] and "data.tokenizer=hf" in errors[0]
+    assert "Traceback" not in proc.stderr
 
 
 def test_default_corpus_datasets(tmp_path):
@@ -386,3 +435,12 @@ def test_data_iterator_resumes_exactly(tmp_path):
     wrapped = build_data_iterator(ds.train, mbs, dp_rank=1, dp_size=dp,
                                   consumed_samples=(steps + 1) * mbs * dp, cyclic=True)
     assert (next(wrapped)["tokens"] == seen[steps + 1]).all()
+
+
+def test_preprocess_warns_when_workers_exceed_the_cores(tmp_path, caplog):
+    cores = len(os.sched_getaffinity(0))
+    source = _write_docs(tmp_path, "w", ["one", "two", "three"])
+    with caplog.at_level("WARNING"):
+        assert preprocess_main(["--input", source, "--output-prefix", str(tmp_path / "w"), "--no-progress",
+                                "--workers", str(cores + 1)]) == 0
+    assert f"--workers {cores + 1} is more than the {cores} CPU cores available" in caplog.text

@@ -27,6 +27,7 @@ def test_evaluate_matches_the_val_loss_training_logged(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["iteration"] for r in records] == [4, 8]
+    assert [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")] == records  # stdout too
     for r in records:  # same weights, same batches, same layout: the same number
         assert r["val_loss"] == pytest.approx(logged[r["iteration"]], rel=1e-6, abs=0), r
 

@@ -416,6 +416,16 @@ def test_cli_dry_run_prints_plan_and_writes_nothing(ckpts, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "projected peak memory" in printed and "weight 0.333333" in printed and "weight 0.666667" in printed
     assert_no_output(out)
+    # An existing --out does not stop a dry run (nothing is written); it is only reported.
+    out.mkdir()
+    code, _ = run_cli(["--dry-run", "--iterations", "10,30", "--out", out, ckpts / "run_tp2"])
+    assert code == 0 and "it exists: the merge needs --force" in capsys.readouterr().out
+    assert list(out.iterdir()) == []
+
+
+def test_cli_method_weights_without_weights_names_the_flag(tmp_path, capsys):
+    code, err = run_cli(["--method", "weights", "--out", tmp_path / "m", tmp_path])
+    assert code == 2 and "--method weights needs --weights" in err
 
 
 def test_cli_weights_flag_implies_weights_method(ckpts, tmp_path):

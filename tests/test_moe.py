@@ -1,6 +1,8 @@
 """Mixture-of-Experts training with real torchrun processes on gloo: expert parallelism, both token
 dispatchers, expert tensor parallelism, metrics, exact resume and loading across EP sizes."""
 
+import re
+
 import pytest
 
 from helpers import REPO, run_module, run_pretrain
@@ -143,3 +145,14 @@ def test_bad_moe_configs_fail_before_training(overrides, world_size, message):
     proc = run_module("pretrain", "--config", str(TINY_MOE), *overrides, env={"WORLD_SIZE": str(world_size)})
     assert proc.returncode == 2, proc.stderr
     assert "error: " in proc.stderr and message in proc.stderr, proc.stderr
+
+
+def test_banner_counts_the_same_model_at_ep1_and_ep2(ep1_run, ep2_run):
+    """The start-up banner's parameter total does not depend on how the experts are split."""
+    def counts(run):
+        line = next(line for line in run.output.splitlines() if line.strip().startswith("parameters"))
+        return [int(x.replace(",", "")) for x in re.findall(r"[\d,]{2,}", line)]
+
+    (total1, local1), (total2, local2) = counts(ep1_run), counts(ep2_run)
+    assert total1 == total2 == local1 and local2 < total2
+    assert "MoE GPT (4 experts, top-2)" in ep2_run.output and "EP 2" in ep2_run.output

@@ -64,8 +64,8 @@ def test_pma_init_from_a_merged_checkpoint_keeping_its_optimizer(source_run, tmp
     assert all(l == l and l < 6 for l in run.losses)
 
 
-SPIKE = ["train.train_iters=44", "checkpoint.save_interval=4", "scheduler.inject_spike_at=30",
-         "scheduler.inject_spike_factor=1000", "scheduler.warmup_iters=2", "scheduler.wsd_decay_iters=4",
+SPIKE = ["train.train_iters=44", "checkpoint.save_interval=4", "fault_injection.lr_spike_at=30",
+         "fault_injection.lr_spike_factor=1000", "scheduler.warmup_iters=2", "scheduler.wsd_decay_iters=4",
          "recovery.baseline_window=10", "train.eval_interval=44"]
 
 

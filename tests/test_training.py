@@ -1,5 +1,6 @@
 """Dense GPT training with real torchrun processes on gloo: TP, PP, DP, resume, resharding."""
 
+import re
 import shutil
 
 import pytest
@@ -11,6 +12,19 @@ from pretrain.checkpoint import TRACKER_FILE
 pytestmark = pytest.mark.slow
 
 ITERS = 24
+
+
+def banner_parameters(output: str) -> tuple[int, int]:
+    """(the model's parameters, rank 0's) from the start-up banner."""
+    line = next(line for line in output.splitlines() if line.strip().startswith("parameters"))
+    total, local = (int(x.replace(",", "")) for x in re.findall(r"[\d,]{2,}", line))
+    return total, local
+
+
+# helpers.FAST's dense GPT counted by hand: untied embedding and output layer (vocabulary 257 padded
+# to 384), per layer QKV + projection + SwiGLU MLP + 2 RMSNorms, a final RMSNorm.
+H, FFN, LAYERS, VOCAB = 64, 128, 4, 384
+FAST_PARAMETERS = 2 * VOCAB * H + LAYERS * (3 * H * H + H * H + H * 2 * FFN + FFN * H + 2 * H) + H
 
 
 def falls(losses: list[float]) -> bool:
@@ -43,6 +57,9 @@ def test_tp2_trains_logs_and_saves(tp2_run):
         saved = yaml.safe_load((d / "run_config.yaml").read_text())
         assert saved["parallel"]["tensor_model_parallel_size"] == 2
     assert "run summary" in run.output and "validation" in run.output
+    total, local = banner_parameters(run.output)  # TP=2: rank 0 holds half of each matrix, all of each norm
+    assert total == FAST_PARAMETERS and local == (FAST_PARAMETERS - (2 * LAYERS + 1) * H) // 2 + (2 * LAYERS + 1) * H
+    assert "world 2 = TP 2 x PP 1 x DP 1" in run.output and "ETA " in run.output
 
 
 @pytest.mark.parametrize("layout", [["parallel.pipeline_model_parallel_size=2"], []], ids=["pp2", "dp2"])
@@ -51,6 +68,7 @@ def test_pp2_and_dp2_train(tmp_path, layout, tp2_run):
     assert falls(run.losses), run.losses
     # PP=2, DP=2 (TP=1) and TP=2 start from the same weights and see the same data.
     assert run.losses[0] == pytest.approx(tp2_run.losses[0], rel=1e-5)
+    assert banner_parameters(run.output)[0] == FAST_PARAMETERS  # the same model at every layout
 
 
 def test_resume_continues_exactly(tmp_path, tp2_run):
@@ -156,3 +174,15 @@ def test_bf16_with_distributed_optimizer_resumes_exactly_and_merges_master_weigh
     saved = load_full(tmp_path / "cont" / "iter_0000013", master)
     assert (saved - load_full(out, master)).abs().max() < 0.1  # one small step from the merge
     assert (saved - load_full(inputs[-1], master)).abs().max() > (saved - load_full(out, master)).abs().max()
+
+
+def test_summary_counts_the_iterations_this_run_made(capsys):
+    """A continued run (init_keep_iteration, resume) reports what it ran, not the iteration it ended at."""
+    from pretrain.config import RunConfig
+    from pretrain.summary import print_summary
+    from pretrain.train import RunSummary
+
+    print_summary(RunConfig(), RunSummary(iterations=480, start_iteration=400, first_loss=2.0, last_loss=1.5, seconds=3))
+    assert "iterations        80 (iterations 400 -> 480) in 3.0 s" in capsys.readouterr().out
+    print_summary(RunConfig(), RunSummary(iterations=50, first_loss=2.0, last_loss=1.5, seconds=3))
+    assert "iterations        50 in 3.0 s" in capsys.readouterr().out

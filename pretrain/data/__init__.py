@@ -4,6 +4,7 @@ Modules, one job each:
   tokenizer   ByteTokenizer (built in), HFTokenizer (tokenizers JSON), build_tokenizer
   indexed     atomic writing / reading of megatron-core indexed datasets (PREFIX.bin/.idx)
   preprocess  the `pretrain-preprocess` command: text and .jsonl files -> PREFIX.bin/.idx
+  provenance  PREFIX.tokenizer.json: the tokenizer a dataset was made with, checked at start-up
   corpus      the embedded default corpus (CPython's own documentation), built on first use
   datasets    build_gpt_datasets: blend + split -> megatron-core GPTDataset train/valid/test
   sampler     deterministic, resumable data-parallel micro-batch iterator

@@ -27,6 +27,7 @@ from functools import lru_cache
 from typing import Iterator, List, Optional, Tuple
 
 from pretrain.data.indexed import missing_files, write_indexed_dataset
+from pretrain.data.provenance import describe_tokenizer
 from pretrain.data.tokenizer import ByteTokenizer
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ def build_default_corpus(prefix: str) -> None:
     """Tokenize the default corpus with the byte tokenizer into ``prefix``.bin/.idx (atomic)."""
     tokenizer = ByteTokenizer()
     docs = (tokenizer.tokenize(text) + [tokenizer.eod] for text in corpus_documents())
-    writer = write_indexed_dataset(prefix, docs, tokenizer.vocab_size)
+    writer = write_indexed_dataset(prefix, docs, tokenizer.vocab_size, describe_tokenizer(tokenizer))
     logger.info(
         "built the default corpus at %s: %d documents, %d tokens",
         prefix, writer.documents, writer.tokens,

@@ -28,6 +28,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from pretrain.data.corpus import ensure_default_corpus
 from pretrain.data.indexed import require_dataset
+from pretrain.data.provenance import check_dataset_tokenizer
 from pretrain.data.tokenizer import ByteTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -198,6 +199,8 @@ def build_gpt_datasets(
 
     Raises:
         FileNotFoundError: a dataset's .bin or .idx file is missing (named in the message).
+        TokenizerMismatchError: a dataset was tokenized with another tokenizer, or holds token ids
+            outside ``tokenizer``'s vocabulary (see :mod:`pretrain.data.provenance`).
         ValueError: a malformed blend or split, or a requested split without data.
     """
     if seq_length <= 0:
@@ -213,6 +216,7 @@ def build_gpt_datasets(
     prefixes = [os.path.expanduser(p) for p in prefixes]
     for prefix in prefixes:
         require_dataset(prefix)
+        check_dataset_tokenizer(prefix, tokenizer)
 
     split_matrix = convert_split_vector_to_split_matrix(parse_split(split))
     sizes = [int(train_samples), int(valid_samples), int(test_samples)]
@@ -251,3 +255,18 @@ def build_gpt_datasets(
         if ds is not None:
             logger.info("%s dataset: %d samples of %d tokens", name, len(ds), seq_length)
     return GPTDatasets(train, valid, test)
+
+
+def describe_sources(datasets: GPTDatasets) -> List[dict]:
+    """One dict per dataset of the blend: ``prefix``, ``weight`` (normalised) and the ``train`` and
+    ``valid`` samples drawn from it (for the start-up banner)."""
+
+    def parts(split) -> List[tuple]:
+        if split is None:
+            return []
+        if hasattr(split, "datasets"):  # a BlendedDataset: per-dataset weights and samples
+            return [(d.dataset_path, w, len(d)) for d, w in zip(split.datasets, split.weights)]
+        return [(split.dataset_path, 1.0, len(split))]
+
+    train, valid = parts(datasets.train), {path: n for path, _, n in parts(datasets.valid)}
+    return [{"prefix": path, "weight": float(w), "train": n, "valid": valid.get(path, 0)} for path, w, n in train]

@@ -22,6 +22,8 @@ from megatron.core.datasets.indexed_dataset import (
     get_idx_path,
 )
 
+from pretrain.data.provenance import record_path, write_record
+
 logger = logging.getLogger(__name__)
 
 
@@ -59,13 +61,17 @@ class IndexedDatasetWriter:
     On a clean exit the files are renamed into place (an existing dataset is replaced); on an
     exception the temporary files are removed and nothing appears at ``prefix``. Empty documents
     are skipped (they carry no tokens and would only skew document-based splits).
+    ``tokenizer_record`` (see ``pretrain.data.provenance``), plus the largest token id written,
+    goes to ``PREFIX.tokenizer.json``; without one, a stale record of a previous dataset is removed.
     """
 
-    def __init__(self, prefix: str, vocab_size: int) -> None:
+    def __init__(self, prefix: str, vocab_size: int, tokenizer_record: Optional[dict] = None) -> None:
         self.prefix = prefix
         self.dtype = token_dtype(vocab_size)
+        self.tokenizer_record = tokenizer_record
         self.documents = 0
         self.tokens = 0
+        self.max_token_id = -1
         self.skipped_empty = 0
         self._builder: Optional[IndexedDatasetBuilder] = None
         self._tmp_bin = self._tmp_idx = ""
@@ -90,6 +96,7 @@ class IndexedDatasetWriter:
             self.skipped_empty += 1
             return
         self._builder.add_document(array, [array.size])
+        self.max_token_id = max(self.max_token_id, int(array.max()))
         self.documents += 1
         self.tokens += int(array.size)
 
@@ -97,8 +104,12 @@ class IndexedDatasetWriter:
         try:
             if exc_type is None:
                 self._builder.finalize(self._tmp_idx)
-                # .bin first, .idx last: readers look for both, and the .idx is what says
-                # "complete".
+                if self.tokenizer_record is not None:
+                    write_record(self.prefix, {**self.tokenizer_record, "max_token_id": self.max_token_id})
+                elif os.path.exists(record_path(self.prefix)):
+                    os.remove(record_path(self.prefix))
+                # The record, then .bin, then .idx: readers look for both data files, and the
+                # .idx is what says "complete".
                 os.replace(self._tmp_bin, get_bin_path(self.prefix))
                 os.replace(self._tmp_idx, get_idx_path(self.prefix))
                 logger.info(
@@ -120,9 +131,10 @@ def _temp_path(directory: str, base: str, suffix: str) -> str:
     return os.path.join(directory, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}.tmp")
 
 
-def write_indexed_dataset(prefix: str, documents, vocab_size: int) -> IndexedDatasetWriter:
+def write_indexed_dataset(prefix: str, documents, vocab_size: int,
+                          tokenizer_record: Optional[dict] = None) -> IndexedDatasetWriter:
     """Write an iterable of token-id documents to ``prefix``; returns the finished writer (counts)."""
-    with IndexedDatasetWriter(prefix, vocab_size) as writer:
+    with IndexedDatasetWriter(prefix, vocab_size, tokenizer_record) as writer:
         for ids in documents:
             writer.add_document(ids)
     return writer

@@ -35,6 +35,7 @@ from typing import IO, Iterable, Iterator, List, Optional, Sequence
 from tqdm import tqdm
 
 from pretrain.data.indexed import IndexedDatasetWriter
+from pretrain.data.provenance import describe_tokenizer
 from pretrain.data.tokenizer import TOKENIZER_KINDS, Tokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -207,7 +208,8 @@ def preprocess(
     batch_size: int = 256,
     progress: bool = True,
 ) -> IndexedDatasetWriter:
-    """Tokenize ``inputs`` into one indexed dataset at ``output_prefix`` (.bin/.idx).
+    """Tokenize ``inputs`` into one indexed dataset at ``output_prefix`` (.bin/.idx), with the
+    tokenizer recorded beside it (``.tokenizer.json``, see :mod:`pretrain.data.provenance`).
 
     Returns the finished writer, whose ``documents`` and ``tokens`` count what was written.
     Raises ``InputError`` (message ``file:line: ...``) or ``FileNotFoundError`` on bad input,
@@ -223,7 +225,8 @@ def preprocess(
 
     documents = read_documents(inputs, json_key=json_key, text_doc=text_doc)
     bar = tqdm(unit="doc", desc="tokenizing", disable=not progress, dynamic_ncols=True)
-    with IndexedDatasetWriter(output_prefix, tokenizer.vocab_size) as writer, bar:
+    record = describe_tokenizer(tokenizer)
+    with IndexedDatasetWriter(output_prefix, tokenizer.vocab_size, record) as writer, bar:
         for batch, ids_per_doc in _tokenized_batches(
             _batches(documents, batch_size), tokenizer, workers
         ):
@@ -273,6 +276,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``pretrain-preprocess``; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.workers > cores:
+        logger.warning("--workers %d is more than the %d CPU cores available: processes compete for them, "
+                       "which is slower than --workers %d", args.workers, cores, cores)
     try:
         tokenizer = build_tokenizer(args.tokenizer, args.tokenizer_file, args.eod_token)
         writer = preprocess(

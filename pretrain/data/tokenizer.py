@@ -23,6 +23,8 @@ DEFAULT_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "
 class Tokenizer(MegatronTokenizerBase):
     """Common base: the interface the data pipeline and the training loop rely on."""
 
+    kind: str = ""  # the name build_tokenizer (and data.tokenizer) knows it by
+
     def __init__(self, path: Optional[str], **options) -> None:
         super().__init__(path if path is not None else "", {})
         self._options = options
@@ -88,6 +90,7 @@ class ByteTokenizer(Tokenizer):
     the preprocessing step, so document boundaries cannot be forged by the data.
     """
 
+    kind = "byte"
     EOD_TEXT = "<|endoftext|>"
     _NUM_BYTES = 256
 
@@ -130,6 +133,8 @@ class HFTokenizer(Tokenizer):
     Texts are encoded with ``add_special_tokens=False``: documents are separated by ``eod`` alone,
     not by whatever BOS/EOS template the tokenizer's post-processor would add.
     """
+
+    kind = "hf"
 
     def __init__(self, path: str, eod_token: Optional[str] = None) -> None:
         from tokenizers import Tokenizer as _HFTokenizer
