@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     behaviour.add_argument("--allow-nonfinite", action="store_true",
                            help="merge inputs holding NaN/Inf instead of refusing")
     behaviour.add_argument("--force", action="store_true", help="replace an existing --out")
+    behaviour.add_argument("--as-run-dir", action="store_true",
+                           help="write OUT as a run directory: OUT/iter_N/ (DeepSpeed: "
+                                "OUT/global_stepN/, N the newest input's iteration) and the tracker "
+                                "file, for Megatron-LM's --load OUT / DeepSpeed's load_checkpoint")
     behaviour.add_argument("--workers", type=int, default=1, metavar="P",
                            help="processes splitting the output files (default 1)")
     behaviour.add_argument("--dry-run", action="store_true",
@@ -136,7 +140,7 @@ def _run(args: argparse.Namespace, method: str) -> int:
     result = merge_checkpoints(
         refs, args.out, method, **options,
         allow_nonfinite=args.allow_nonfinite, force=args.force, workers=args.workers,
-        verify=args.verify, progress=not args.no_progress,
+        verify=args.verify, progress=not args.no_progress, as_run_dir=args.as_run_dir,
     )
     size = result.plan.bytes_to_write
     logger.info(

@@ -6,7 +6,11 @@ Two steps:
    dtypes), that every byte it will read is present, and decides for every item of the newest
    input what happens to it:
 
-   ``merge``  floating-point model tensors: ``sum_i w_i * chunk_i`` (see ``accumulate``);
+   ``merge``  floating-point model tensors: ``sum_i w_i * chunk_i`` (see ``accumulate``),
+              and the optimizer's fp32 master weights in every layout megatron-core saves
+              (``fp32_param``, fully reshardable ``param``, dp_reshardable bucket ``param``
+              -- see ``formats.distributed_optimizer``; the gaps between parameters in a
+              bucket are copied);
    ``copy``   taken from the newest input unchanged: optimizer state (``optimizer.*`` keys,
               so the merge can resume training), non-float tensors, opaque objects (TE
               ``_extra_state``, RNG state, ...), and ``common.pt`` / ``metadata.json``;
@@ -55,6 +59,11 @@ from megatron_merge.accumulate import (
 from megatron_merge.atomic_output import atomic_output_dir, check_output_path
 from megatron_merge.errors import MergeError
 from megatron_merge.formats import input_format, open_checkpoint
+from megatron_merge.formats.distributed_optimizer import (
+    bucket_gap_chunks,
+    check_same_bucket_layout,
+    is_bucket_master_key,
+)
 from megatron_merge.formats.torch_dist import (
     COMMON_FILE,
     DCP_METADATA_FILE,
@@ -65,6 +74,7 @@ from megatron_merge.formats.torch_dist import (
     write_dcp_metadata,
 )
 from megatron_merge.record import MERGE_RECORD_FILE, input_entries, record_header
+from megatron_merge.run_layout import run_entry
 from megatron_merge.selection import CheckpointRef, explicit_checkpoints
 from megatron_merge.weights import DEFAULT_EMA_ALPHA, merge_weights
 
@@ -180,12 +190,17 @@ class MergePlan:
 
 def classify_key(key: str, meta, model_only: bool) -> tuple[str, str]:
     """Decide MERGE / COPY / DROP for a key of the newest input, with the reason."""
-    if key.startswith(MASTER_WEIGHT_PREFIXES):
+    unchained = _unchained(key)
+    if unchained.startswith(MASTER_WEIGHT_PREFIXES):
         if model_only:
             return DROP, "optimizer state (--model-only)"
         # fp32 master weights: the optimizer copies them back into the model when training
         # resumes, so they are merged like the weights or the merge would be undone.
         return MERGE, f"fp32 master weights ({meta.properties.dtype})"
+    if is_bucket_master_key(unchained):
+        if model_only:
+            return DROP, "optimizer state (--model-only)"
+        return MERGE, "fp32 master weights, distributed optimizer buckets (dp_reshardable)"
     if key.startswith(OPTIMIZER_PREFIX) or _CHAINED_OPTIMIZER_KEY.match(key):
         if model_only:
             return DROP, "optimizer state (--model-only)"
@@ -200,6 +215,11 @@ def classify_key(key: str, meta, model_only: bool) -> tuple[str, str]:
     if not dtype.is_floating_point:
         return COPY, f"non-float tensor ({dtype})"
     return MERGE, str(dtype)
+
+
+def _unchained(key: str) -> str:
+    """``key`` without the ``chained_N.`` prefix a split (chained) optimizer adds."""
+    return key.split(".", 1)[1] if _CHAINED_OPTIMIZER_KEY.match(key) else key
 
 
 def plan_merge(
@@ -254,7 +274,13 @@ def plan_merge(
     if model_only:  # common.pt is rewritten without its optimizer entries: it must be readable
         dropped_common = [k for k in COMMON_OPTIMIZER_KEYS if k in newest.load_common()]
     merged = {k: why for k, (action, why) in actions.items() if action == MERGE}
+    buckets = [key for key in merged if is_bucket_master_key(_unchained(key))]
+    for ckpt in checkpoints[:-1]:
+        for key in buckets:
+            if key in ckpt.metadata.state_dict_metadata:
+                check_same_bucket_layout(ckpt, newest, key)
     _check_inputs_agree(checkpoints, merged, model_only)
+    gaps = {key: bucket_gap_chunks(newest, key) for key in buckets}
 
     other_layout = []
     for ckpt in checkpoints[:-1]:
@@ -265,7 +291,7 @@ def plan_merge(
     files = []
     for name, items in newest.items_by_file().items():
         planned = tuple(
-            _plan_item(item, actions[item.key][0], checkpoints, sizing)
+            _plan_item(item, _item_action(item, actions, gaps), checkpoints, sizing)
             for item in items
             if actions[item.key][0] != DROP
         )
@@ -290,6 +316,13 @@ def plan_merge(
         peak_bytes_per_worker=sizing.peak_bytes,
         checkpoints=checkpoints,
     )
+
+
+def _item_action(item: StoredItem, actions: dict, gaps: dict) -> str:
+    """The key's action, except for the gaps of a distributed-optimizer bucket (copied)."""
+    if item.is_tensor and tuple(item.index.offset) in gaps.get(item.key, ()):
+        return COPY
+    return actions[item.key][0]
 
 
 @dataclass
@@ -625,6 +658,7 @@ def merge_checkpoints(
     verify_samples: int = 8,
     progress: bool = False,
     format: str | None = None,
+    as_run_dir: bool = False,
 ) -> MergeResult:
     """Merge checkpoints (ordered oldest first) into ``out``, in their own format.
 
@@ -639,6 +673,10 @@ def merge_checkpoints(
     through torch's own DCP reader and checks them against an independent recomputation before
     the output is moved into place.
 
+    ``as_run_dir`` writes ``out`` as a run directory: the checkpoint in ``out/iter_{N:07d}/``
+    (DeepSpeed: ``global_stepN/``, N the newest input's iteration) beside the tracker file, so
+    Megatron-LM's and DeepSpeed's loaders find it (see :mod:`megatron_merge.run_layout`).
+
     The output appears atomically; on any error nothing is left at ``out`` and
     :class:`MergeError` names the file and key.
     """
@@ -651,21 +689,29 @@ def merge_checkpoints(
     )
     logger.info("merge plan:\n%s", plan.describe())
     verified = 0
+    entry = None
+    if as_run_dir:
+        newest = plan.inputs[-1]
+        entry = run_entry(getattr(plan, "format", "torch_dist"), newest.iteration, str(newest.path))
     with atomic_output_dir(out) as tmp:
+        ckpt_tmp, ckpt_out = (tmp / entry.directory, out / entry.directory) if entry else (tmp, out)
+        ckpt_tmp.mkdir(exist_ok=True)
         if isinstance(plan, MergePlan):
             execute_plan(
-                plan, tmp, workers=workers, allow_nonfinite=allow_nonfinite, progress=progress,
-                checkpoint_id=str(out.resolve()),
+                plan, ckpt_tmp, workers=workers, allow_nonfinite=allow_nonfinite, progress=progress,
+                checkpoint_id=str(ckpt_out.resolve()),
             )
-            record = merge_record(plan, out, allow_nonfinite)
+            record = merge_record(plan, ckpt_out, allow_nonfinite)
         else:  # a per-rank-file format plans, writes and records itself
-            plan.execute(tmp, workers=workers, allow_nonfinite=allow_nonfinite, progress=progress)
-            record = plan.record(out, allow_nonfinite)
-        (tmp / MERGE_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            plan.execute(ckpt_tmp, workers=workers, allow_nonfinite=allow_nonfinite, progress=progress)
+            record = plan.record(ckpt_out, allow_nonfinite)
+        (ckpt_tmp / MERGE_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
         if verify:
             from megatron_merge.verify import verify_merge
 
-            verified = verify_merge(plan, tmp, samples=verify_samples)
+            verified = verify_merge(plan, ckpt_tmp, samples=verify_samples)
+        if entry:
+            (tmp / entry.tracker).write_text(entry.tracker_text + "\n")
     return MergeResult(out, plan, time.perf_counter() - started, verified)
 
 
@@ -682,11 +728,16 @@ def merge_record(plan: MergePlan, out: Path, allow_nonfinite: bool) -> dict:
         "layout_from": str(plan.newest.path.resolve()),
         "inputs_with_other_layout": plan.inputs_with_other_layout,
         "merged": plan.merged_keys,
+        "optimizer_merged": sorted(k for k in plan.merged_keys if _is_optimizer_key(k)),
         "copied_from_newest": plan.copied_keys,
         "dropped": plan.dropped_keys,
         "dropped_from_common_pt": plan.dropped_common_entries,
         "files_copied_from_newest": _extra_files(plan.newest.path),
     }
+
+
+def _is_optimizer_key(key: str) -> bool:
+    return key.startswith(OPTIMIZER_PREFIX) or _CHAINED_OPTIMIZER_KEY.match(key) is not None
 
 
 def _human_bytes(n: float) -> str:

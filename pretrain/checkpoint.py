@@ -22,7 +22,7 @@ import copy
 import logging
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from pretrain import megatron_lm_checkpoint as megatron_lm
 from pretrain.config import RunConfig, save_config, to_dict
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ class TrainState:
 
     iteration: int = 0
     consumed_samples: int = 0
+    # How a resume read this state (who wrote the checkpoint, from which fields): for the
+    # metrics' `resume` record; not saved.
+    resume_facts: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -204,18 +208,24 @@ def model_sharded_state_dict(model_chunks) -> dict:
 
 
 def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, cfg: RunConfig,
-                        include_optimizer: bool, include_rng: bool, is_loading: bool) -> dict:
+                        include_optimizer: bool, include_rng: bool, is_loading: bool,
+                        optimizer_sharding: Optional[str] = None, megatron_lm_rng: bool = False) -> dict:
+    """``optimizer_sharding`` (default: the config's) and ``megatron_lm_rng`` (Megatron-LM's RNG
+    layout) describe a checkpoint being loaded."""
     sd = model_sharded_state_dict(model_chunks)
     if include_optimizer:
+        sharding = optimizer_sharding or cfg.checkpoint.optimizer_sharding
         sd["optimizer"] = optimizer.sharded_state_dict(
-            sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": cfg.checkpoint.optimizer_sharding,
+            sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": sharding,
                                               # one key per parameter whether or not megatron-core splits
                                               # the optimizer (it chains dense and expert ones at EP > 1),
                                               # so optimizer state reshards across EP sizes too
                                               "chained_optim_avoid_prefix": True}
         )
         sd["opt_param_scheduler"] = scheduler.state_dict()
-    if include_rng:
+    if include_rng and megatron_lm_rng:
+        sd["rng_state"] = megatron_lm.rng_sharded_object()
+    elif include_rng:
         sd["rng_state"] = _rng_sharded_object(_rng_state() if not is_loading else None)
     sd.update(common_entries(cfg, state))
     return sd
@@ -408,16 +418,30 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
     common = dist_checkpointing.load_common_state_dict(str(directory))
     if "iteration" not in common:
         raise CheckpointError(f"{directory / 'common.pt'}: key 'iteration' missing (not a pretrain checkpoint)")
-    state = TrainState(iteration=int(common["iteration"]), consumed_samples=int(common.get("consumed_samples", 0)))
+    mlm_args = megatron_lm.megatron_lm_args(common)
+    if mlm_args is not None and "consumed_samples" not in common:  # written by Megatron-LM
+        state = TrainState(iteration=int(common["iteration"]),
+                           consumed_samples=megatron_lm.consumed_samples(mlm_args))
+        saved_layout = megatron_lm.saved_layout(mlm_args)
+        saved_dist_opt = bool(mlm_args.get("use_distributed_optimizer"))
+        saved_sharding = megatron_lm.optimizer_sharding(common)
+        # Megatron-LM counts scheduler steps in samples; the loop re-aligns them to the iteration
+        state.resume_facts = {"written_by": "Megatron-LM",
+                              "consumed_samples_from": "args.consumed_train_samples",
+                              "optimizer_sharding": saved_sharding}
+    else:
+        mlm_args = None
+        state = TrainState(iteration=int(common["iteration"]), consumed_samples=int(common.get("consumed_samples", 0)))
+        saved_layout = common.get("parallel_layout")
+        saved_dist_opt = common.get("use_distributed_optimizer", cfg.parallel.use_distributed_optimizer)
+        saved_sharding = None
 
-    saved_layout = common.get("parallel_layout")
     if load_rng and saved_layout != _layout():
         logger.info("checkpoint layout %s differs from this run's %s: RNG states not restored", saved_layout, _layout())
         load_rng = False
     has_optimizer = load_optimizer and "opt_param_scheduler" in common
     if load_optimizer and not has_optimizer:
         logger.warning("%s holds no optimizer state: starting a fresh optimizer", directory)
-    saved_dist_opt = common.get("use_distributed_optimizer", cfg.parallel.use_distributed_optimizer)
     if has_optimizer and saved_dist_opt != cfg.parallel.use_distributed_optimizer:
         raise CheckpointError(
             f"{directory}: optimizer state was saved with use_distributed_optimizer={saved_dist_opt}, this run has "
@@ -441,7 +465,8 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
         _materialize_optimizer_state(optimizer)
 
     sd = _sharded_state_dict(model_chunks, optimizer, scheduler, state, cfg,
-                             include_optimizer=has_optimizer, include_rng=load_rng, is_loading=True)
+                             include_optimizer=has_optimizer, include_rng=load_rng, is_loading=True,
+                             optimizer_sharding=saved_sharding, megatron_lm_rng=mlm_args is not None)
     for key in common_entries(cfg, state):
         sd.pop(key)
     if has_optimizer:
@@ -469,7 +494,9 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
         # built; without loaded optimizer state they must follow the loaded weights.
         optimizer.reload_model_params()
     if load_rng:
-        _set_rng_state(loaded["rng_state"])
+        saved_rng = loaded["rng_state"]
+        _set_rng_state(megatron_lm.rng_state(saved_rng) if mlm_args is not None else saved_rng)
+    state.resume_facts.update(rng_restored=load_rng, optimizer_restored=has_optimizer)
     if merger is not None and merge_meta is not None:
         merger.load_state(merge_meta, loaded.get("merge_state", {}))
     logger.info("loaded checkpoint %s (iteration %d, %d samples consumed)", directory, state.iteration, state.consumed_samples)

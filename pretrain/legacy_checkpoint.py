@@ -16,7 +16,9 @@ Megatron-LM stores it) and ``consumed_samples``. The first data-parallel rank of
 
 The legacy format does not reshard: a checkpoint loads only at the TP/PP/EP layout it was saved
 at (the data-parallel size may change). The distributed optimizer, whose state Megatron-LM keeps
-in separate per-rank ``distrib_optim.pt`` files, is not supported here (a config error).
+in separate per-rank ``distrib_optim.pt`` files, is loaded from them (megatron-core's
+``load_parameter_state``; data-parallel size may change) but not saved in this format (a config
+error: ``pretrain`` saves the distributed optimizer in torch_dist).
 
 A checkpoint becomes visible only when complete (``iter_NNNNNNN.incomplete`` renamed once every
 rank has written), then the tracker file is replaced atomically -- as for torch_dist.
@@ -52,6 +54,7 @@ from pretrain.config import RunConfig, to_dict
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model_optim_rng.pt"
+DISTRIB_OPTIM_FILE = "distrib_optim.pt"  # Megatron-LM's distributed-optimizer state, per rank
 RANK_DIR_PREFIX = "mp_rank_"
 
 
@@ -248,6 +251,29 @@ def _stored_args(sd: dict, where: Path) -> dict:
     return args
 
 
+def _check_optimizer_kind(cfg: RunConfig, where: Path, args: dict, load_optimizer: bool) -> None:
+    """A distributed-optimizer checkpoint (Megatron-LM's ``distrib_optim.pt`` beside the rank
+    file) loads only into a distributed optimizer, and the other way round."""
+    distrib_optim = where.parent / DISTRIB_OPTIM_FILE
+    saved = distrib_optim.is_file() or bool(args.get("use_distributed_optimizer"))
+    if not load_optimizer or saved == cfg.parallel.use_distributed_optimizer:
+        return
+    if saved and not distrib_optim.is_file():
+        raise CheckpointError(
+            f"{distrib_optim}: missing; {where} was saved with the distributed optimizer, whose "
+            "parameter state Megatron-LM keeps in this file. Set checkpoint.no_load_optim=true to "
+            "resume the weights with a fresh optimizer"
+        )
+    what = (f"{distrib_optim} holds the distributed optimizer's state" if saved
+            else f"{where} was saved without the distributed optimizer")
+    raise CheckpointError(
+        f"{what}; this run has parallel.use_distributed_optimizer="
+        f"{str(cfg.parallel.use_distributed_optimizer).lower()}. Set "
+        f"parallel.use_distributed_optimizer={str(saved).lower()} to resume its optimizer state, "
+        "or checkpoint.no_load_optim=true to resume the weights with a fresh optimizer"
+    )
+
+
 def load_legacy_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: str | Path,
                            load_optimizer: bool = True, load_rng: bool = True) -> TrainState:
     """Restore model (and optimizer, scheduler, RNG) from a legacy checkpoint directory.
@@ -281,6 +307,7 @@ def load_legacy_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, p
         )
     if "iteration" not in sd:
         raise CheckpointError(f"{where}: key 'iteration' missing (not a pretrain checkpoint)")
+    _check_optimizer_kind(cfg, where, args, load_optimizer)
     consumed = sd.get("consumed_samples", args.get("consumed_train_samples", 0))
     state = TrainState(iteration=int(sd["iteration"]), consumed_samples=int(consumed))
 
@@ -298,8 +325,11 @@ def load_legacy_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, p
     has_optimizer = load_optimizer and "optimizer" in sd and "opt_param_scheduler" in sd
     if load_optimizer and not has_optimizer:
         logger.warning("%s holds no optimizer state: starting a fresh optimizer", where)
+    distrib_optim = where.parent / DISTRIB_OPTIM_FILE
     if has_optimizer:
         optimizer.load_state_dict(sd["optimizer"])
+        if distrib_optim.is_file():  # the parameter state (fp32 masters, Adam moments) lives here
+            optimizer.load_parameter_state(str(distrib_optim))
         scheduler.load_state_dict(sd["opt_param_scheduler"])
     else:
         optimizer.reload_model_params()  # main (fp32) params follow the loaded weights

@@ -290,7 +290,8 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
                                      load_optimizer=not c.no_load_optim, load_rng=not c.no_load_rng,
                                      merger=merger)
         if c.no_load_optim:
-            state = ckpt.TrainState(iteration=state.iteration, consumed_samples=state.consumed_samples)
+            state = ckpt.TrainState(iteration=state.iteration, consumed_samples=state.consumed_samples,
+                                    resume_facts=state.resume_facts)
         scheduler.step(increment=state.iteration - scheduler.num_steps)
     refuse_overwrite(cfg, state.iteration)
 
@@ -311,7 +312,7 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
     if start_point.load is not None:
         record = {"iteration": state.iteration, "event": "resume", "checkpoint": str(start_point.load),
                   "automatic": start_point.automatic, "consumed_samples": state.consumed_samples,
-                  "rolled_back_records": rolled_back}
+                  "rolled_back_records": rolled_back, **state.resume_facts}
         if merger is not None:
             record["merge_snapshots"] = merger.count
         metrics.log(record, stdout=f"resuming at iteration {state.iteration} from {start_point.load}"

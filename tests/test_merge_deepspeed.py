@@ -254,6 +254,11 @@ def merged_runs(ds_runs, tmp_path_factory):
     out = out_root / "model_only" / "merged"
     merge_checkpoints([tag_dir(ds_runs / "z2", s) for s in SAVE_STEPS[1:]], out, "sma", model_only=True)
     jobs.append([str(out.parent), out.name, 2, str(out_root / "loaded_model_only.pt"), {"load_module_only": True}])
+    # --as-run-dir: DeepSpeed finds the merge through `latest` (no tag given)
+    code, err = run_cli(["--method", "ema", "--alpha", "0.3", "--last", "3", "--as-run-dir",
+                         "--out", out_root / "as_run", ds_runs / "z2"])
+    assert code == 0, err
+    jobs.append([str(out_root / "as_run"), None, 2, str(out_root / "loaded_as_run.pt"), {}])
     _run_spawned("load", jobs)
     return out_root
 
@@ -287,6 +292,17 @@ def test_merged_weights_are_bit_exact_and_deepspeed_loads_them(ds_runs, merged_r
         module = load_raw(out / "mp_rank_00_model_states.pt")["module"]
         for key, value in expected.items():
             assert torch.equal(module[key], value), key
+
+
+def test_as_run_dir_is_found_by_deepspeed_through_latest(ds_runs, merged_runs):
+    run = merged_runs / "as_run"
+    tag = f"global_step{SAVE_STEPS[-1]}"
+    assert sorted(p.name for p in run.iterdir()) == [tag, "latest"]
+    assert (run / "latest").read_text().strip() == tag
+    expected = reference_merge([tag_dir(ds_runs / "z2", s) for s in SAVE_STEPS], ema_alpha=0.3)
+    result = torch.load(merged_runs / "loaded_as_run.pt", weights_only=False)
+    for key, value in expected.items():
+        assert torch.equal(result["loaded"][key], value), key
 
 
 def test_file_layout_record_and_copied_state(ds_runs, merged_runs):

@@ -115,7 +115,9 @@ class LegacyCheckpoint(RankFileCheckpoint):
     def rule(self, name: str, obj: Any, model_only: bool) -> FileRule:
         where = self.path / name
         basename = name.rsplit("/", 1)[-1]
-        if not isinstance(obj, dict):
+        # a chained optimizer (MoE: dense and expert parameters) saves a list, one dict each
+        chained = basename == DISTRIB_OPTIM_FILE and isinstance(obj, list)
+        if not (isinstance(obj, dict) or chained):
             raise MergeError(f"{where}: holds {type(obj).__name__}, expected a dict")
         if basename == DISTRIB_OPTIM_FILE:
             if model_only:

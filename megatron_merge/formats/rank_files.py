@@ -722,6 +722,9 @@ def merge_record(plan: RankFileMergePlan, out: Path, allow_nonfinite: bool) -> d
         "layout_from": str(plan.newest.path.resolve()),
         "layout": plan.layout,
         "merged": plan.merged_keys,
+        # fp32 master weights of the optimizer (Megatron's optimizer / distrib_optim.pt,
+        # DeepSpeed's *optim_states.pt); their moments stay the newest input's
+        "optimizer_merged": _merged_optimizer_slots(plan),
         "copied_from_newest": {f.name: list(f.copied) for f in plan.files},
         "dropped": {
             **{f.name: [*f.dropped_entries, *(f"{k} (set to None)" for k in f.emptied_entries)]
@@ -730,6 +733,19 @@ def merge_record(plan: RankFileMergePlan, out: Path, allow_nonfinite: bool) -> d
         },
         "files_copied_from_newest": plan.newest.extra_files(),
     }
+
+
+def _merged_optimizer_slots(plan: RankFileMergePlan) -> dict[str, list[str]]:
+    """Per file, the merged slots that are optimizer state: all of an optimizer file's
+    (``distrib_optim.pt``, ``*optim_states.pt``), and the ``optimizer/...`` ones of a model file."""
+    found = {}
+    for name, slots in plan.merged_keys.items():
+        base = name.rsplit("/", 1)[-1]
+        optimizer_file = base == "distrib_optim.pt" or base.endswith("optim_states.pt")
+        chosen = [slot for slot in slots if optimizer_file or slot.startswith("optimizer/")]
+        if chosen:
+            found[name] = chosen
+    return found
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
