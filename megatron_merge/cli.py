@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     behaviour.add_argument("--accumulate-dtype", choices=("fp32", "fp64"), default="fp32")
     behaviour.add_argument("--allow-nonfinite", action="store_true",
                            help="merge inputs holding NaN/Inf instead of refusing")
+    behaviour.add_argument("--trust-inputs", action="store_true",
+                           help="copy opaque parts (common.pt, RNG and extra-state items) without "
+                           "first parsing them with the safe reader; recorded in merge.json")
     behaviour.add_argument("--force", action="store_true", help="replace an existing --out")
     behaviour.add_argument("--workers", type=int, default=1, metavar="P",
                            help="processes splitting the output files (default 1)")
@@ -117,6 +120,7 @@ def _run(args: argparse.Namespace, method: str) -> int:
     options = dict(
         alpha=args.alpha, weights=args.weights, normalize=not args.no_normalize,
         model_only=args.model_only, accumulate_dtype=args.accumulate_dtype, format=args.format,
+        trust_inputs=args.trust_inputs,
     )
     if args.dry_run:
         check_output_path(args.out, [r.path for r in refs], args.force)

@@ -65,6 +65,7 @@ from megatron_merge.formats.torch_dist import (
     write_dcp_metadata,
 )
 from megatron_merge.record import MERGE_RECORD_FILE, input_entries, record_header
+from megatron_merge.safe_load import load_torch
 from megatron_merge.selection import CheckpointRef, explicit_checkpoints
 from megatron_merge.weights import DEFAULT_EMA_ALPHA, merge_weights
 
@@ -140,6 +141,7 @@ class MergePlan:
     bytes_to_read: int
     peak_bytes_per_worker: int
     checkpoints: list[TorchDistCheckpoint] = field(repr=False, default_factory=list)
+    trust_inputs: bool = False  # opaque parts copied unread (--trust-inputs)
 
     @property
     def newest(self) -> TorchDistCheckpoint:
@@ -212,12 +214,17 @@ def plan_merge(
     model_only: bool = False,
     accumulate_dtype: str = "fp32",
     format: str | None = None,
+    trust_inputs: bool = False,
 ) -> MergePlan:
     """Read the inputs' metadata, check them, and decide what happens to every item.
 
     ``format`` is ``"torch_dist"``, ``"torch"`` (legacy Megatron) or ``"deepspeed"``; by default
     it is detected from the inputs. The per-rank-file formats return a
     :class:`~megatron_merge.formats.rank_files.RankFileMergePlan` (same interface).
+
+    Every input's files are checked against its metadata. The opaque parts the output copies
+    (``common.pt``, bytes items, other ``.pt`` files) are parsed by the safe reader first
+    unless ``trust_inputs``, which copies them unread.
     """
     refs = _as_refs(inputs)
     if len(refs) < 2:
@@ -245,6 +252,13 @@ def plan_merge(
     newest = checkpoints[-1]
     if not (newest.path / COMMON_FILE).exists():
         raise MergeError(f"{newest.path / COMMON_FILE}: missing; not a complete torch_dist checkpoint")
+    for ckpt in checkpoints:
+        ckpt.check_files()
+    if not trust_inputs:
+        newest.check_opaque_parts()
+        for extra in _extra_files(newest.path):
+            if extra != COMMON_FILE and extra.endswith((".pt", ".pth")) and (newest.path / extra).is_file():
+                load_torch(newest.path / extra)
 
     actions: dict[str, tuple[str, str]] = {
         key: classify_key(key, meta, model_only)
@@ -289,6 +303,7 @@ def plan_merge(
         bytes_to_read=sizing.bytes_to_read,
         peak_bytes_per_worker=sizing.peak_bytes,
         checkpoints=checkpoints,
+        trust_inputs=trust_inputs,
     )
 
 
@@ -625,6 +640,7 @@ def merge_checkpoints(
     verify_samples: int = 8,
     progress: bool = False,
     format: str | None = None,
+    trust_inputs: bool = False,
 ) -> MergeResult:
     """Merge checkpoints (ordered oldest first) into ``out``, in their own format.
 
@@ -637,7 +653,8 @@ def merge_checkpoints(
     (default: copied from the newest input). ``accumulate_dtype`` is ``"fp32"`` or ``"fp64"``.
     ``workers`` processes split the output files. ``verify`` re-reads sampled output chunks
     through torch's own DCP reader and checks them against an independent recomputation before
-    the output is moved into place.
+    the output is moved into place. ``trust_inputs`` copies opaque torch_dist parts (``common.pt``,
+    RNG and extra-state items) without parsing them first (recorded in merge.json).
 
     The output appears atomically; on any error nothing is left at ``out`` and
     :class:`MergeError` names the file and key.
@@ -648,6 +665,7 @@ def merge_checkpoints(
     plan = plan_merge(
         refs, method, alpha=alpha, weights=weights, normalize=normalize,
         model_only=model_only, accumulate_dtype=accumulate_dtype, format=format,
+        trust_inputs=trust_inputs,
     )
     logger.info("merge plan:\n%s", plan.describe())
     verified = 0
@@ -661,6 +679,8 @@ def merge_checkpoints(
         else:  # a per-rank-file format plans, writes and records itself
             plan.execute(tmp, workers=workers, allow_nonfinite=allow_nonfinite, progress=progress)
             record = plan.record(out, allow_nonfinite)
+        # torch_dist copies opaque parts; with trust_inputs it did so without parsing them.
+        record["trust_inputs"] = trust_inputs and isinstance(plan, MergePlan)
         (tmp / MERGE_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
         if verify:
             from megatron_merge.verify import verify_merge

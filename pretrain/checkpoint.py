@@ -35,6 +35,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_merge import safe_dist_checkpointing
+from megatron_merge.errors import MergeError
+from megatron_merge.safe_load import read_dcp_metadata
 from pretrain.config import RunConfig, save_config, to_dict
 
 logger = logging.getLogger(__name__)
@@ -74,6 +77,14 @@ def read_tracker(root: str | Path) -> Optional[int]:
         raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}") from None
 
 
+def read_common(directory: str | Path) -> dict:
+    """``common.pt`` of a torch_dist checkpoint, read by the safe reader (no code runs from it)."""
+    try:
+        return safe_dist_checkpointing.load_common_state_dict(directory)
+    except MergeError as err:
+        raise CheckpointError(str(err)) from None
+
+
 def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
     """Map ``checkpoint.load`` (a run directory, an ``iter_*`` directory or any checkpoint directory,
     e.g. a merge output) to (dir, iteration)."""
@@ -88,7 +99,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
     if is_legacy_checkpoint(path):  # a legacy-format checkpoint under another name (a merge output)
         return path, stored_iteration(path)
     if (path / "metadata.json").is_file() and (path / "common.pt").is_file():  # a torch_dist checkpoint, any name
-        common = dist_checkpointing.load_common_state_dict(str(path))
+        common = read_common(path)
         if "iteration" not in common:
             raise CheckpointError(f"{path / 'common.pt'}: key 'iteration' missing (not a pretrain checkpoint)")
         return path, int(common["iteration"])
@@ -103,11 +114,9 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
 
 def truncated_files(directory: str | Path) -> list[str]:
     """Tensor files shorter than the byte ranges the checkpoint's .metadata records for them."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     try:
-        metadata = FileSystemReader(str(directory)).read_metadata()
-    except Exception:
+        metadata = read_dcp_metadata(directory)
+    except MergeError:
         return [".metadata"]
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
@@ -118,6 +127,19 @@ def truncated_files(directory: str | Path) -> list[str]:
         if not path.is_file() or path.stat().st_size < size:
             damaged.append(name)
     return damaged
+
+
+def _merge_error_in(exc: BaseException) -> Optional[MergeError]:
+    """The safe reader's error behind a failed load (raised directly, or on a rank inside DCP's
+    CheckpointException), or None."""
+    if isinstance(exc, MergeError):
+        return exc
+    if isinstance(exc, CheckpointException):
+        for failure in exc.failures.values():
+            failure = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(failure, MergeError):
+                return failure
+    return None
 
 
 def _describe_failure(exc: BaseException, limit: int = 600) -> str:
@@ -382,7 +404,11 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
 
     if is_legacy_checkpoint(directory):  # the format is told by the directory's contents
         return load_legacy_checkpoint(cfg, model_chunks, optimizer, scheduler, directory, load_optimizer, load_rng)
-    common = dist_checkpointing.load_common_state_dict(str(directory))
+    common = read_common(directory)
+    try:  # refuse a hostile or damaged .metadata before any state is touched
+        read_dcp_metadata(directory)
+    except MergeError as err:
+        raise CheckpointError(str(err)) from None
     if "iteration" not in common:
         raise CheckpointError(f"{directory / 'common.pt'}: key 'iteration' missing (not a pretrain checkpoint)")
     state = TrainState(iteration=int(common["iteration"]), consumed_samples=int(common.get("consumed_samples", 0)))
@@ -427,8 +453,11 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
     if merger is not None and merge_meta is not None:
         sd["merge_state"] = merger.sharded_state_dict(is_loading=True, saved=merge_meta)
     try:
-        loaded = dist_checkpointing.load(sd, str(directory))
+        loaded = safe_dist_checkpointing.load(sd, directory)
     except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+        refused = _merge_error_in(exc)
+        if refused is not None:  # the safe reader refused a part: its message names file and key
+            raise CheckpointError(str(refused)) from None
         damaged = truncated_files(directory)
         if damaged:
             raise CheckpointError(f"{directory}: truncated tensor file(s) {', '.join(damaged)}") from None

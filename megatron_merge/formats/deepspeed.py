@@ -47,9 +47,9 @@ from megatron_merge.errors import MergeError
 from megatron_merge.formats.rank_files import (
     FileRule,
     RankFileCheckpoint,
-    common_safe_globals,
     weight_tensors,
 )
+from megatron_merge.safe_load import common_safe_globals
 
 MODEL_STATES = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 ZERO3_MODEL_STATES = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
