@@ -256,6 +256,9 @@ def plan_merge(
         ckpt.check_files()
     if not trust_inputs:
         newest.check_opaque_parts()
+        for ckpt in checkpoints[:-1]:  # not copied, but a hostile or damaged input is refused
+            if (ckpt.path / COMMON_FILE).exists():
+                ckpt.load_common()
         for extra in _extra_files(newest.path):
             if extra != COMMON_FILE and extra.endswith((".pt", ".pth")) and (newest.path / extra).is_file():
                 load_torch(newest.path / extra)

@@ -9,8 +9,8 @@ site-packages is patched:
 
 :class:`SafeTorchDistLoadStrategy`  ``TorchDistLoadShardedStrategy`` reading through
     :class:`~megatron_merge.safe_load.SafeFileSystemReader` and :class:`SafeLoadPlanner`; every
-    bytes item the load asks for is parsed before DCP copies the first tensor into the model, so
-    a refused item leaves the model as it was.
+    bytes item the load asks for is parsed before the model is touched, so a refused item
+    leaves the model as it was.
 :class:`SafeCommonLoadStrategy`     ``TorchCommonLoadStrategy`` reading ``common.pt`` with
     :func:`~megatron_merge.safe_load.load_torch`.
 
@@ -25,7 +25,7 @@ from typing import Any
 
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreLoadPlanner,
@@ -38,7 +38,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 from torch.distributed import checkpoint
 from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 
 from megatron_merge.errors import MergeError
 from megatron_merge.safe_load import SafeFileSystemReader, load_torch, read_bytes_item, read_dcp_metadata
@@ -82,12 +82,14 @@ class SafeTorchDistLoadStrategy(TorchDistLoadShardedStrategy):
         sharded_state_dict, flat_mapping, rename_mapping = _replace_state_dict_keys_with_sharded_keys(
             sharded_state_dict
         )
-        pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, True)
         reader = SafeFileSystemReader(checkpoint_dir)
         metadata = reader.read_metadata()  # refused here, before DCP starts
-        for key, value in pyt_state_dict.items():  # objects: parsed before any tensor is copied
-            if isinstance(value, io.BytesIO) and MetadataIndex(key) in metadata.storage_data:
+        # Objects are parsed before anything touches the model: converting the state dict
+        # already zeroes the allow_shape_mismatch tensors (the padded embedding) in place.
+        for key, values in sharded_state_dict.items():
+            if isinstance(values[0], ShardedObject) and MetadataIndex(key) in metadata.storage_data:
                 read_bytes_item(checkpoint_dir, metadata, key)
+        pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, True)
         checkpoint.load_state_dict(
             pyt_state_dict, reader,
             planner=SafeLoadPlanner(
@@ -108,8 +110,6 @@ class SafeTorchDistLoadStrategy(TorchDistLoadShardedStrategy):
         return super().load_tensors_metadata(checkpoint_dir, metadata)
 
     def load_sharded_metadata(self, checkpoint_dir: Path):
-        from megatron.core.dist_checkpointing.mapping import ShardedObject
-        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
         metadata = read_dcp_metadata(checkpoint_dir)
         sharded = {}

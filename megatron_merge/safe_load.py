@@ -94,8 +94,11 @@ def read_dcp_metadata(checkpoint_dir: str | Path) -> Metadata:
     except FileNotFoundError:
         raise MergeError(f"{path}: missing; not a complete torch_dist checkpoint") from None
     except _Refused as err:
+        inner = _locate_in_pickle(path, err.qualname)
+        at = f": key {inner!r}" if inner else ""
         raise UnsafeCheckpointError(
-            f"{path}: {err}; refusing to load this checkpoint", path=path, qualname=err.qualname
+            f"{path}{at}: {err}; refusing to load this checkpoint", path=path, key=inner,
+            qualname=err.qualname,
         ) from None
     except OSError as err:
         raise MergeError(f"{path}: cannot read ({err.strerror or err}); check its permissions") from None
@@ -224,6 +227,8 @@ def load_torch(
                 reason = detail.group(1)[:300] if detail else _first_line(err)
                 raise MergeError(f"{label}: cannot load with weights_only=True ({reason})") from None
             qualname = match.group(1)
+            if "." not in qualname:  # torch names builtins without their module
+                qualname = f"builtins.{qualname}"
             if not tried_megatron and qualname not in _qualnames(allowed):
                 tried_megatron = True
                 mcore = megatron_core_safe_globals()
@@ -280,6 +285,17 @@ def read_bytes_item(checkpoint_dir: str | Path, metadata: Metadata, key: str) ->
     return load_torch(data, where=path, key=key)
 
 
+def check_objects(checkpoint_dir: str | Path, metadata: Metadata) -> None:
+    """Parse every bytes item of a DCP checkpoint with :func:`read_bytes_item`; raise on the first
+    refused or unreadable one. Loaders call it before touching any state, so that an object
+    the load would not even ask for (a weights-only load's RNG state) is refused too."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    for key, meta in metadata.state_dict_metadata.items():
+        if isinstance(meta, BytesStorageMetadata):
+            read_bytes_item(checkpoint_dir, metadata, key)
+
+
 # --------------------------------------------------------------------------------------------
 # Where in the file a refused object sits (for the message only)
 # --------------------------------------------------------------------------------------------
@@ -313,6 +329,10 @@ class _Stub:
 
 class _LocatingUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        import _compat_pickle  # protocol-2 pickles name Python 2 modules (``__builtin__``)
+
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         return type(name, (_Stub,), {"qualname": f"{module}.{name}"})
 
     def persistent_load(self, pid):
@@ -329,6 +349,17 @@ def _locate(source, qualname: str) -> str | None:
         with zipfile.ZipFile(source) as archive:
             name = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
             tree = _LocatingUnpickler(io.BytesIO(archive.read(name))).load()
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        return None
+    found = _find_path(tree, qualname, (), set())
+    return ".".join(found) if found else None
+
+
+def _locate_in_pickle(path: Path, qualname: str) -> str | None:
+    """Like :func:`_locate`, for a plain pickle file (``.metadata``)."""
+    try:
+        with open(path, "rb") as f:
+            tree = _LocatingUnpickler(f).load()
     except Exception:  # noqa: BLE001 - a diagnostic only
         return None
     found = _find_path(tree, qualname, (), set())

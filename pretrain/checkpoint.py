@@ -37,7 +37,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_merge import safe_dist_checkpointing
 from megatron_merge.errors import MergeError
-from megatron_merge.safe_load import read_dcp_metadata
+from megatron_merge.safe_load import check_objects, read_dcp_metadata
 from pretrain.config import RunConfig, save_config, to_dict
 
 logger = logging.getLogger(__name__)
@@ -405,8 +405,8 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
     if is_legacy_checkpoint(directory):  # the format is told by the directory's contents
         return load_legacy_checkpoint(cfg, model_chunks, optimizer, scheduler, directory, load_optimizer, load_rng)
     common = read_common(directory)
-    try:  # refuse a hostile or damaged .metadata before any state is touched
-        read_dcp_metadata(directory)
+    try:  # refuse a hostile or damaged .metadata or object before any state is touched
+        check_objects(directory, read_dcp_metadata(directory))
     except MergeError as err:
         raise CheckpointError(str(err)) from None
     if "iteration" not in common:

@@ -57,7 +57,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from megatron_merge.accumulate import PieceBuffers, intersect
 from megatron_merge.errors import MergeError, UnsafeCheckpointError
-from megatron_merge.safe_load import DCP_METADATA_FILE, load_torch, read_bytes_item, read_dcp_metadata
+from megatron_merge.safe_load import DCP_METADATA_FILE, check_objects, load_torch, read_dcp_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -255,9 +255,7 @@ class TorchDistCheckpoint:
         """Parse ``common.pt`` and every bytes item with the safe reader; raise if one is refused
         or unreadable. A merge copies these byte for byte, so it checks them first."""
         self.load_common()
-        for key, meta in self.metadata.state_dict_metadata.items():
-            if isinstance(meta, BytesStorageMetadata):
-                read_bytes_item(self.path, self.metadata, key)
+        check_objects(self.path, self.metadata)
 
     def load_common(self) -> dict:
         """``common.pt`` read by the safe reader (:func:`~megatron_merge.safe_load.load_torch`:
