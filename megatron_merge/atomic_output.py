@@ -22,6 +22,11 @@ logger = logging.getLogger(__name__)
 def check_output_path(out: str | Path, inputs: Sequence[str | Path], force: bool) -> Path:
     """Refuse an output that exists (unless ``force``) or that overlaps an input."""
     out = Path(out)
+    for parent in out.absolute().parents:  # the nearest existing ancestor must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise MergeError(f"{parent}: a file, not a directory: --out {out} cannot be created under it")
+            break
     resolved_out = out.resolve()
     for source in inputs:
         source = Path(source).resolve()

@@ -23,7 +23,7 @@ import logging
 import sys
 from typing import Sequence
 
-from megatron_merge.errors import MergeError
+from megatron_merge.errors import MergeError, os_error_message
 from megatron_merge.weights import METHODS, parse_weight_list
 
 logger = logging.getLogger("megatron_merge")
@@ -107,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args, method)
     except MergeError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # e.g. an unreadable input during --dry-run
+        print(f"error: {os_error_message(err)}", file=sys.stderr)
         return 1
 
 

@@ -53,8 +53,8 @@ from megatron_merge.accumulate import (
     torch_threads,
 )
 from megatron_merge.atomic_output import atomic_output_dir, check_output_path
-from megatron_merge.errors import MergeError
-from megatron_merge.formats import input_format, open_checkpoint
+from megatron_merge.errors import MergeError, os_error_message
+from megatron_merge.formats import input_format, is_extra_state, open_checkpoint
 from megatron_merge.formats.torch_dist import (
     COMMON_FILE,
     DCP_METADATA_FILE,
@@ -198,6 +198,8 @@ def classify_key(key: str, meta, model_only: bool) -> tuple[str, str]:
         return COPY, "in-training merge state"
     if isinstance(meta, BytesStorageMetadata):
         return COPY, "opaque object"
+    if is_extra_state(key):
+        return COPY, "extra state"
     dtype = meta.properties.dtype
     if not dtype.is_floating_point:
         return COPY, f"non-float tensor ({dtype})"
@@ -662,6 +664,21 @@ def merge_checkpoints(
     The output appears atomically; on any error nothing is left at ``out`` and
     :class:`MergeError` names the file and key.
     """
+    try:
+        return _merge_checkpoints(
+            inputs, out, method, alpha=alpha, weights=weights, normalize=normalize,
+            model_only=model_only, accumulate_dtype=accumulate_dtype,
+            allow_nonfinite=allow_nonfinite, force=force, workers=workers, verify=verify,
+            verify_samples=verify_samples, progress=progress, format=format,
+            trust_inputs=trust_inputs,
+        )
+    except OSError as err:  # disk full, permissions, ...: the temporary output is already gone
+        raise MergeError(os_error_message(err, writing=out)) from None
+
+
+def _merge_checkpoints(inputs, out, method, *, alpha, weights, normalize, model_only,
+                       accumulate_dtype, allow_nonfinite, force, workers, verify, verify_samples,
+                       progress, format, trust_inputs) -> MergeResult:
     started = time.perf_counter()
     refs = _as_refs(inputs)
     out = check_output_path(out, [r.path for r in refs], force)

@@ -426,3 +426,73 @@ def test_clean_checkpoint_still_resumes_and_evaluates(pretrain_loads):
     assert results["clean"]["resume"]["raised"] is None, results["clean"]
     assert results["clean"]["resume"]["weights_changed"], "loading iteration 2 should set the weights"
     assert results["clean"]["evaluate"]["code"] == 0, results["clean"]
+
+
+def test_merge_refuses_a_deepspeed_rank_file_missing_from_every_input(tmp_path):
+    """The stored mp_world_size says two model-parallel ranks; both inputs lack rank 1's file."""
+    inputs = [deepspeed_tag(tmp_path / "ds" / f"global_step{s}", s, {"mp_world_size": 2}) for s in (1, 2)]
+    out = tmp_path / "merged"
+    code, err = run_cli(["--out", out, *inputs])
+    line = single_error_line(err)
+    assert code == 1 and "mp_rank_01_model_states.pt: missing" in line and "mp_world_size=2" in line, line
+    assert_no_output(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# OS errors and extra state
+# ------------------------------------------------------------------------------------------------
+
+_FILE_SIZE_LIMITED_CLI = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+from megatron_merge.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_merge_out_of_space_is_an_error_line_and_leaves_nothing(saved, tmp_path):
+    """A write that fails part way (a file-size limit stands in for a full disk: same code path,
+    EFBIG instead of ENOSPC) ends in one error line naming the file, and no output."""
+    out = tmp_path / "merged"
+    proc = subprocess.run(
+        [sys.executable, "-c", _FILE_SIZE_LIMITED_CLI, "20000", "--no-progress", "--out", str(out),
+         str(it_dir(saved / "dist", 1)), str(it_dir(saved / "dist", 2))],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    line = single_error_line(proc.stderr)
+    assert str(out) in line and "file too large" in line, line
+    assert_no_output(out)
+
+
+def test_merge_output_under_a_file_is_an_error_line(saved, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "merged"
+    code, err = run_cli(["--out", out, it_dir(saved / "dist", 1), it_dir(saved / "dist", 2)])
+    line = single_error_line(err)
+    assert code == 1 and str(tmp_path / "afile") in line and "not a directory" in line, line
+
+
+def test_a_float_extra_state_tensor_is_copied_not_averaged(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_merge.offline import merge_checkpoints
+
+    key = "decoder.layers.0.self_attention.linear_qkv._extra_state"
+    inputs = []
+    for i in (1, 2):
+        path = tmp_path / f"iter_000000{i}"
+        dcp.save({"decoder.layers.0.weight": torch.full((4,), float(i)), key: torch.full((3,), float(i))},
+                 checkpoint_id=str(path), no_dist=True)
+        (path / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                                        "common_backend": "torch", "common_backend_version": 1}))
+        torch.save({"iteration": i}, path / "common.pt")
+        inputs.append(path)
+    result = merge_checkpoints(inputs, tmp_path / "merged")
+    assert key in result.plan.copied_keys and key not in result.plan.merged_keys
+    state = {"decoder.layers.0.weight": torch.empty(4), key: torch.empty(3)}
+    dcp.load(state, checkpoint_id=str(tmp_path / "merged"), no_dist=True)
+    assert torch.equal(state[key], torch.full((3,), 2.0))  # the newest input's
+    assert torch.equal(state["decoder.layers.0.weight"], torch.full((4,), 1.5))

@@ -46,6 +46,7 @@ from megatron_merge.accumulate import (
     torch_threads,
 )
 from megatron_merge.errors import MergeError, UnsafeCheckpointError
+from megatron_merge.formats import is_extra_state
 from megatron_merge.record import MERGE_RECORD_FILE, input_entries, record_header
 from megatron_merge.safe_load import load_torch
 from megatron_merge.verify import reference_step
@@ -73,9 +74,10 @@ def iter_tensors(obj: Any, prefix: SlotPath = ()) -> Iterator[tuple[SlotPath, to
 
 
 def weight_tensors(obj: Any, prefix: SlotPath = ()) -> Iterator[tuple[SlotPath, torch.Tensor]]:
-    """Tensors under ``obj`` that a merge combines: floating point and not empty."""
+    """Tensors under ``obj`` that a merge combines: floating point, not empty, not extra state."""
     for path, tensor in iter_tensors(obj, prefix):
-        if tensor.dtype.is_floating_point and tensor.numel() > 0:
+        if tensor.dtype.is_floating_point and tensor.numel() > 0 and not (
+                path and isinstance(path[-1], str) and is_extra_state(path[-1])):
             yield path, tensor
 
 
@@ -164,6 +166,9 @@ class RankFileCheckpoint:
     def layout(self) -> dict:
         """The parallel layout, for the plan and merge.json."""
         return {}
+
+    def check_complete(self) -> None:
+        """Raise if a file the checkpoint's own stored layout calls for is missing."""
 
     def check_matches(self, newest: "RankFileCheckpoint") -> None:
         """Raise if this (older) input cannot be merged file by file with ``newest``."""
@@ -356,6 +361,8 @@ def plan_rank_file_merge(
 ) -> RankFileMergePlan:
     """Check the inputs agree file by file and decide what happens to every file and tensor."""
     newest = checkpoints[-1]
+    for ckpt in checkpoints:
+        ckpt.check_complete()
     for ckpt in checkpoints[:-1]:
         ckpt.check_matches(newest)
         extra = sorted(set(ckpt.files()) - set(newest.files()))
