@@ -364,6 +364,8 @@ def publish_checkpoint(cfg: RunConfig, staging: Path, final: Path, iteration: in
     save_config(cfg, staging / CONFIG_FILE)
     if final.exists():
         old = final.with_name(final.name + ".old")
+        if old.exists():  # left by a kill inside an earlier replace: final is complete
+            shutil.rmtree(old)
         final.rename(old)
         staging.rename(final)
         shutil.rmtree(old)
@@ -373,6 +375,44 @@ def publish_checkpoint(cfg: RunConfig, staging: Path, final: Path, iteration: in
     tmp = tracker.with_name(tracker.name + ".tmp")
     tmp.write_text(f"{iteration}\n")
     tmp.replace(tracker)
+
+
+def recover_interrupted_saves(root: str | Path) -> list[str]:
+    """Finish or remove what a killed save left in ``root`` and ``root/merged``; returns one line
+    per action for the log. Rank 0 calls it at start-up, before anything reads the tracker.
+
+    ``iter_N.old`` (a kill inside :func:`publish_checkpoint`'s replace): removed if ``iter_N`` is
+    there; else the publish is finished from the complete ``iter_N.incomplete``, or ``iter_N.old``
+    is put back. Any other ``iter_N.incomplete`` (a kill during the save) is removed; for a merged
+    checkpoint that means it was never written, which is reported.
+    """
+    root = Path(root)
+    actions = []
+    for base in (root, root / "merged"):
+        if not base.is_dir():
+            continue
+        for old in sorted(base.glob("iter_*.old")):
+            final = old.with_name(old.name[: -len(".old")])
+            staging = final.with_name(final.name + ".incomplete")
+            if final.exists():
+                shutil.rmtree(old)
+                actions.append(f"removed {old}: left by an interrupted replace of the complete {final}")
+            elif staging.exists():
+                staging.rename(final)
+                shutil.rmtree(old)
+                actions.append(f"finished publishing {final}: its save was complete, the rename was interrupted")
+                if (read_tracker(base) or -1) < int(final.name[len("iter_"):]):
+                    (base / TRACKER_FILE).write_text(f"{int(final.name[len('iter_'):])}\n")
+            else:
+                old.rename(final)
+                actions.append(f"restored {final} from {old}")
+        for staging in sorted(base.glob("iter_*.incomplete")):
+            shutil.rmtree(staging)
+            actions.append(f"removed {staging}: left by a save that was killed before it completed")
+            if base.name == "merged":
+                actions.append(f"the merged checkpoint {staging.with_suffix('')} was not written; produce it with "
+                               f"megatron-merge from the training checkpoints if you need it")
+    return actions
 
 
 def save_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, state: TrainState,

@@ -259,6 +259,11 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
     platform = platform or init_distributed(cfg)
     t, c = cfg.train, cfg.checkpoint
     set_seeds(t.seed)
+    if c.save:  # a kill during an earlier save must not block this resume or grow the disk
+        if dist.get_rank() == 0:
+            for action in ckpt.recover_interrupted_saves(c.save):
+                logger.warning("checkpoint leftovers: %s", action)
+        dist.barrier()
 
     data: TrainingData = build_training_data(cfg, platform)
     model = wrap_with_ddp(cfg, build_model(cfg, platform, data.vocab_size))
