@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
 
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
