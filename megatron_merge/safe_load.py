@@ -97,7 +97,7 @@ def read_dcp_metadata(checkpoint_dir: str | Path) -> Metadata:
         inner = _locate_in_pickle(path, err.qualname)
         at = f": key {inner!r}" if inner else ""
         raise UnsafeCheckpointError(
-            f"{path}{at}: {err}; refusing to load this checkpoint", path=path, key=inner,
+            f"{path}{at}: {err}", path=path, key=inner,
             qualname=err.qualname,
         ) from None
     except OSError as err:

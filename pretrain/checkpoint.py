@@ -383,8 +383,8 @@ def recover_interrupted_saves(root: str | Path) -> list[str]:
 
     ``iter_N.old`` (a kill inside :func:`publish_checkpoint`'s replace): removed if ``iter_N`` is
     there; else the publish is finished from the complete ``iter_N.incomplete``, or ``iter_N.old``
-    is put back. Any other ``iter_N.incomplete`` (a kill during the save) is removed; for a merged
-    checkpoint that means it was never written, which is reported.
+    is put back. Any other ``iter_N.incomplete`` (a kill during the save) is removed. A merged
+    checkpoint missing for the newest training checkpoint (its save was interrupted) is reported.
     """
     root = Path(root)
     actions = []
@@ -409,9 +409,14 @@ def recover_interrupted_saves(root: str | Path) -> list[str]:
         for staging in sorted(base.glob("iter_*.incomplete")):
             shutil.rmtree(staging)
             actions.append(f"removed {staging}: left by a save that was killed before it completed")
-            if base.name == "merged":
-                actions.append(f"the merged checkpoint {staging.with_suffix('')} was not written; produce it with "
-                               f"megatron-merge from the training checkpoints if you need it")
+    try:
+        newest = read_tracker(root)
+    except CheckpointError:
+        newest = None
+    merged = root / "merged"
+    if newest is not None and any(merged.glob("iter_???????")) and not iteration_dir(merged, newest).exists():
+        actions.append(f"the merged checkpoint {iteration_dir(merged, newest)} was not written (its save was "
+                       f"interrupted); produce it with megatron-merge from the training checkpoints if you need it")
     return actions
 
 

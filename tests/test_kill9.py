@@ -139,3 +139,27 @@ def test_a_live_merges_temporary_output_is_left_alone(tmp_path):
         path.mkdir()
     assert remove_stale_siblings(out) == [dead]
     assert live.exists() and other_host.exists()
+
+
+@pytest.mark.parametrize("state", ["replaced", "between_renames", "only_old"])
+def test_every_state_a_kill_inside_publish_can_leave_is_recovered(tmp_path, state):
+    """publish_checkpoint replaces iter_N by renaming it to iter_N.old, the new save into place,
+    then removing iter_N.old: a kill between any two steps leaves one of these states."""
+    from pretrain.checkpoint import recover_interrupted_saves
+
+    final, old, staging = tmp_path / "iter_0000005", tmp_path / "iter_0000005.old", tmp_path / "iter_0000005.incomplete"
+    old.mkdir()
+    (old / "what").write_text("previous")
+    if state == "replaced":
+        final.mkdir()
+        (final / "what").write_text("new")
+    elif state == "between_renames":
+        staging.mkdir()
+        (staging / "what").write_text("new")
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("4\n")
+    actions = recover_interrupted_saves(tmp_path)
+    assert len(actions) == 1, actions
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000005", "latest_checkpointed_iteration.txt"]
+    assert (final / "what").read_text() == ("previous" if state == "only_old" else "new")
+    expected_tracker = "5" if state == "between_renames" else "4"
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == expected_tracker
