@@ -24,7 +24,7 @@ import os
 import sys
 from typing import Sequence
 
-from megatron_merge.errors import MergeError
+from megatron_merge.errors import MergeError, os_error_message
 from megatron_merge.weights import METHODS, parse_weight_list
 
 logger = logging.getLogger("megatron_merge")
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     behaviour.add_argument("--accumulate-dtype", choices=("fp32", "fp64"), default="fp32")
     behaviour.add_argument("--allow-nonfinite", action="store_true",
                            help="merge inputs holding NaN/Inf instead of refusing")
+    behaviour.add_argument("--trust-inputs", action="store_true",
+                           help="copy opaque parts (common.pt, RNG and extra-state items) without "
+                           "first parsing them with the safe reader; recorded in merge.json")
     behaviour.add_argument("--force", action="store_true", help="replace an existing --out")
     behaviour.add_argument("--as-run-dir", action="store_true",
                            help="write OUT as a run directory: OUT/iter_N/ (DeepSpeed: "
@@ -116,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MergeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # e.g. an unreadable input during --dry-run
+        print(f"error: {os_error_message(err)}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace, method: str) -> int:
@@ -128,6 +134,7 @@ def _run(args: argparse.Namespace, method: str) -> int:
     options = dict(
         alpha=args.alpha, weights=args.weights, normalize=not args.no_normalize,
         model_only=args.model_only, accumulate_dtype=args.accumulate_dtype, format=args.format,
+        trust_inputs=args.trust_inputs,
     )
     if args.dry_run:  # writes nothing, so an existing --out is only reported
         exists = os.path.lexists(args.out)

@@ -57,8 +57,8 @@ from megatron_merge.accumulate import (
     torch_threads,
 )
 from megatron_merge.atomic_output import atomic_output_dir, check_output_path
-from megatron_merge.errors import MergeError
-from megatron_merge.formats import input_format, open_checkpoint
+from megatron_merge.errors import MergeError, os_error_message
+from megatron_merge.formats import input_format, is_extra_state, open_checkpoint
 from megatron_merge.formats.distributed_optimizer import (
     bucket_gap_chunks,
     check_same_bucket_layout,
@@ -75,6 +75,7 @@ from megatron_merge.formats.torch_dist import (
 )
 from megatron_merge.record import MERGE_RECORD_FILE, input_entries, record_header
 from megatron_merge.run_layout import run_entry
+from megatron_merge.safe_load import load_torch
 from megatron_merge.selection import CheckpointRef, explicit_checkpoints
 from megatron_merge.weights import DEFAULT_EMA_ALPHA, merge_weights
 
@@ -150,6 +151,7 @@ class MergePlan:
     bytes_to_read: int
     peak_bytes_per_worker: int
     checkpoints: list[TorchDistCheckpoint] = field(repr=False, default_factory=list)
+    trust_inputs: bool = False  # opaque parts copied unread (--trust-inputs)
 
     @property
     def newest(self) -> TorchDistCheckpoint:
@@ -211,6 +213,8 @@ def classify_key(key: str, meta, model_only: bool) -> tuple[str, str]:
         return COPY, "in-training merge state"
     if isinstance(meta, BytesStorageMetadata):
         return COPY, "opaque object"
+    if is_extra_state(key):
+        return COPY, "extra state"
     dtype = meta.properties.dtype
     if not dtype.is_floating_point:
         return COPY, f"non-float tensor ({dtype})"
@@ -232,12 +236,17 @@ def plan_merge(
     model_only: bool = False,
     accumulate_dtype: str = "fp32",
     format: str | None = None,
+    trust_inputs: bool = False,
 ) -> MergePlan:
     """Read the inputs' metadata, check them, and decide what happens to every item.
 
     ``format`` is ``"torch_dist"``, ``"torch"`` (legacy Megatron) or ``"deepspeed"``; by default
     it is detected from the inputs. The per-rank-file formats return a
     :class:`~megatron_merge.formats.rank_files.RankFileMergePlan` (same interface).
+
+    Every input's files are checked against its metadata. The opaque parts the output copies
+    (``common.pt``, bytes items, other ``.pt`` files) are parsed by the safe reader first
+    unless ``trust_inputs``, which copies them unread.
     """
     refs = _as_refs(inputs)
     if len(refs) < 2:
@@ -265,6 +274,16 @@ def plan_merge(
     newest = checkpoints[-1]
     if not (newest.path / COMMON_FILE).exists():
         raise MergeError(f"{newest.path / COMMON_FILE}: missing; not a complete torch_dist checkpoint")
+    for ckpt in checkpoints:
+        ckpt.check_files()
+    if not trust_inputs:
+        newest.check_opaque_parts()
+        for ckpt in checkpoints[:-1]:  # not copied, but a hostile or damaged input is refused
+            if (ckpt.path / COMMON_FILE).exists():
+                ckpt.load_common()
+        for extra in _extra_files(newest.path):
+            if extra != COMMON_FILE and extra.endswith((".pt", ".pth")) and (newest.path / extra).is_file():
+                load_torch(newest.path / extra)
 
     actions: dict[str, tuple[str, str]] = {
         key: classify_key(key, meta, model_only)
@@ -315,6 +334,7 @@ def plan_merge(
         bytes_to_read=sizing.bytes_to_read,
         peak_bytes_per_worker=sizing.peak_bytes,
         checkpoints=checkpoints,
+        trust_inputs=trust_inputs,
     )
 
 
@@ -659,6 +679,7 @@ def merge_checkpoints(
     progress: bool = False,
     format: str | None = None,
     as_run_dir: bool = False,
+    trust_inputs: bool = False,
 ) -> MergeResult:
     """Merge checkpoints (ordered oldest first) into ``out``, in their own format.
 
@@ -671,7 +692,8 @@ def merge_checkpoints(
     (default: copied from the newest input). ``accumulate_dtype`` is ``"fp32"`` or ``"fp64"``.
     ``workers`` processes split the output files. ``verify`` re-reads sampled output chunks
     through torch's own DCP reader and checks them against an independent recomputation before
-    the output is moved into place.
+    the output is moved into place. ``trust_inputs`` copies opaque torch_dist parts (``common.pt``,
+    RNG and extra-state items) without parsing them first (recorded in merge.json).
 
     ``as_run_dir`` writes ``out`` as a run directory: the checkpoint in ``out/iter_{N:07d}/``
     (DeepSpeed: ``global_stepN/``, N the newest input's iteration) beside the tracker file, so
@@ -680,12 +702,28 @@ def merge_checkpoints(
     The output appears atomically; on any error nothing is left at ``out`` and
     :class:`MergeError` names the file and key.
     """
+    try:
+        return _merge_checkpoints(
+            inputs, out, method, alpha=alpha, weights=weights, normalize=normalize,
+            model_only=model_only, accumulate_dtype=accumulate_dtype,
+            allow_nonfinite=allow_nonfinite, force=force, workers=workers, verify=verify,
+            verify_samples=verify_samples, progress=progress, format=format,
+            as_run_dir=as_run_dir, trust_inputs=trust_inputs,
+        )
+    except OSError as err:  # disk full, permissions, ...: the temporary output is already gone
+        raise MergeError(os_error_message(err, writing=out)) from None
+
+
+def _merge_checkpoints(inputs, out, method, *, alpha, weights, normalize, model_only,
+                       accumulate_dtype, allow_nonfinite, force, workers, verify, verify_samples,
+                       progress, format, as_run_dir, trust_inputs) -> MergeResult:
     started = time.perf_counter()
     refs = _as_refs(inputs)
     out = check_output_path(out, [r.path for r in refs], force)
     plan = plan_merge(
         refs, method, alpha=alpha, weights=weights, normalize=normalize,
         model_only=model_only, accumulate_dtype=accumulate_dtype, format=format,
+        trust_inputs=trust_inputs,
     )
     logger.info("merge plan:\n%s", plan.describe())
     verified = 0
@@ -705,6 +743,8 @@ def merge_checkpoints(
         else:  # a per-rank-file format plans, writes and records itself
             plan.execute(ckpt_tmp, workers=workers, allow_nonfinite=allow_nonfinite, progress=progress)
             record = plan.record(ckpt_out, allow_nonfinite)
+        # torch_dist copies opaque parts; with trust_inputs it did so without parsing them.
+        record["trust_inputs"] = trust_inputs and isinstance(plan, MergePlan)
         (ckpt_tmp / MERGE_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
         if verify:
             from megatron_merge.verify import verify_merge

@@ -191,7 +191,7 @@ class PartitionMerger:
         Each checkpoint is read once, only this rank's owned part of it (collective: every rank
         calls it). The arithmetic is the offline tool's: a weighted sum, or the EMA recursion.
         """
-        from megatron.core import dist_checkpointing
+        from megatron_merge import safe_dist_checkpointing
 
         owned = self.owned
         acc = {s.name: torch.zeros(s.param.shape, dtype=torch.float32) for s in owned}
@@ -201,7 +201,7 @@ class PartitionMerger:
                 raise MergeError(f"{directory}: missing or not a torch_dist checkpoint (needed for merging)")
             request = {s.name: _retarget(s.sharded, s.sharded.key, torch.empty(s.param.shape, dtype=s.param.dtype),
                                          owner=True) for s in owned}
-            loaded = dist_checkpointing.load(request, str(directory))  # collective: every rank calls it
+            loaded = safe_dist_checkpointing.load(request, directory)  # collective: every rank calls it
             weight = torch.tensor(weights[i], dtype=torch.float32)
             for slot in owned:
                 values = loaded[slot.name]

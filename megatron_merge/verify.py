@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 
 from megatron_merge.accumulate import region_within, resolve_accumulate_dtype
 from megatron_merge.errors import MergeError
+from megatron_merge.safe_load import SafeFileSystemReader, read_dcp_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def verify_merge(plan, out_dir: str | Path, samples: int = 8, seed: int = 0,
         return plan.verify(out_dir, samples=samples, seed=seed)
     out_dir = Path(out_dir)
     newest = plan.newest
-    out_metadata = FileSystemReader(str(out_dir)).read_metadata()
+    out_metadata = read_dcp_metadata(out_dir)
     expected_keys = set(newest.metadata.state_dict_metadata) - set(plan.dropped_keys)
     if set(out_metadata.state_dict_metadata) != expected_keys:
         raise MergeError(f"{out_dir}: verify: output keys differ from the plan")
@@ -93,5 +93,5 @@ def _load_whole(checkpoint_dir: Path, key: str, meta) -> torch.Tensor:
     state = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.load(state, storage_reader=FileSystemReader(str(checkpoint_dir)), no_dist=True)
+        dcp.load(state, storage_reader=SafeFileSystemReader(checkpoint_dir), no_dist=True)
     return state[key]

@@ -35,6 +35,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_merge import safe_dist_checkpointing
+from megatron_merge.errors import MergeError
+from megatron_merge.safe_load import check_objects, read_dcp_metadata
 from pretrain import megatron_lm_checkpoint as megatron_lm
 from pretrain.config import RunConfig, save_config, to_dict
 
@@ -78,6 +81,14 @@ def read_tracker(root: str | Path) -> Optional[int]:
         raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}") from None
 
 
+def read_common(directory: str | Path) -> dict:
+    """``common.pt`` of a torch_dist checkpoint, read by the safe reader (no code runs from it)."""
+    try:
+        return safe_dist_checkpointing.load_common_state_dict(directory)
+    except MergeError as err:
+        raise CheckpointError(str(err)) from None
+
+
 def is_complete(directory: str | Path) -> bool:
     """Whether ``directory`` holds a whole saved checkpoint (torch_dist or legacy)."""
     from pretrain.legacy_checkpoint import is_legacy_checkpoint
@@ -99,7 +110,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
     if is_legacy_checkpoint(path):  # a legacy-format checkpoint under another name (a merge output)
         return path, stored_iteration(path)
     if (path / "metadata.json").is_file() and (path / "common.pt").is_file():  # a torch_dist checkpoint, any name
-        common = dist_checkpointing.load_common_state_dict(str(path))
+        common = read_common(path)
         if "iteration" not in common:
             raise CheckpointError(f"{path / 'common.pt'}: key 'iteration' missing (not a pretrain checkpoint)")
         return path, int(common["iteration"])
@@ -114,11 +125,9 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int]:
 
 def truncated_files(directory: str | Path) -> list[str]:
     """Tensor files shorter than the byte ranges the checkpoint's .metadata records for them."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     try:
-        metadata = FileSystemReader(str(directory)).read_metadata()
-    except Exception:
+        metadata = read_dcp_metadata(directory)
+    except MergeError:
         return [".metadata"]
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
@@ -129,6 +138,19 @@ def truncated_files(directory: str | Path) -> list[str]:
         if not path.is_file() or path.stat().st_size < size:
             damaged.append(name)
     return damaged
+
+
+def _merge_error_in(exc: BaseException) -> Optional[MergeError]:
+    """The safe reader's error behind a failed load (raised directly, or on a rank inside DCP's
+    CheckpointException), or None."""
+    if isinstance(exc, MergeError):
+        return exc
+    if isinstance(exc, CheckpointException):
+        for failure in exc.failures.values():
+            failure = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(failure, MergeError):
+                return failure
+    return None
 
 
 def _describe_failure(exc: BaseException, limit: int = 600) -> str:
@@ -369,6 +391,8 @@ def publish_checkpoint(cfg: RunConfig, staging: Path, final: Path, iteration: in
     save_config(cfg, staging / CONFIG_FILE)
     if final.exists():
         old = final.with_name(final.name + ".old")
+        if old.exists():  # left by a kill inside an earlier replace: final is complete
+            shutil.rmtree(old)
         final.rename(old)
         staging.rename(final)
         shutil.rmtree(old)
@@ -378,6 +402,53 @@ def publish_checkpoint(cfg: RunConfig, staging: Path, final: Path, iteration: in
     tmp = tracker.with_name(tracker.name + ".tmp")
     tmp.write_text(f"{iteration}\n")
     tmp.replace(tracker)
+
+
+def recover_interrupted_saves(root: str | Path) -> list[str]:
+    """Finish or remove what a killed save left in ``root`` and ``root/merged``; returns one line
+    per action for the log. Rank 0 calls it at start-up, before anything reads the tracker.
+
+    ``iter_N.old`` (a kill inside :func:`publish_checkpoint`'s replace): removed if ``iter_N`` is
+    there; else the publish is finished from the complete ``iter_N.incomplete``, or ``iter_N.old``
+    is put back. Any other ``iter_N.incomplete`` (a kill during the save) is removed, and so is any
+    ``iter_N.deleting`` (a kill during a retention deletion). A merged
+    checkpoint missing for the newest training checkpoint (its save was interrupted) is reported.
+    """
+    root = Path(root)
+    actions = []
+    for base in (root, root / "merged"):
+        if not base.is_dir():
+            continue
+        for old in sorted(base.glob("iter_*.old")):
+            final = old.with_name(old.name[: -len(".old")])
+            staging = final.with_name(final.name + ".incomplete")
+            if final.exists():
+                shutil.rmtree(old)
+                actions.append(f"removed {old}: left by an interrupted replace of the complete {final}")
+            elif staging.exists():
+                staging.rename(final)
+                shutil.rmtree(old)
+                actions.append(f"finished publishing {final}: its save was complete, the rename was interrupted")
+                if (read_tracker(base) or -1) < int(final.name[len("iter_"):]):
+                    (base / TRACKER_FILE).write_text(f"{int(final.name[len('iter_'):])}\n")
+            else:
+                old.rename(final)
+                actions.append(f"restored {final} from {old}")
+        for staging in sorted(base.glob("iter_*.incomplete")):
+            shutil.rmtree(staging)
+            actions.append(f"removed {staging}: left by a save that was killed before it completed")
+        for doomed in sorted(base.glob("iter_*.deleting")):  # pretrain.retention renames before deleting
+            shutil.rmtree(doomed)
+            actions.append(f"finished deleting {doomed}: a retention deletion was interrupted")
+    try:
+        newest = read_tracker(root)
+    except CheckpointError:
+        newest = None
+    merged = root / "merged"
+    if newest is not None and any(merged.glob("iter_???????")) and not iteration_dir(merged, newest).exists():
+        actions.append(f"the merged checkpoint {iteration_dir(merged, newest)} was not written (its save was "
+                       f"interrupted); produce it with megatron-merge from the training checkpoints if you need it")
+    return actions
 
 
 def save_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, state: TrainState,
@@ -415,7 +486,11 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
 
     if is_legacy_checkpoint(directory):  # the format is told by the directory's contents
         return load_legacy_checkpoint(cfg, model_chunks, optimizer, scheduler, directory, load_optimizer, load_rng)
-    common = dist_checkpointing.load_common_state_dict(str(directory))
+    common = read_common(directory)
+    try:  # refuse a hostile or damaged .metadata or object before any state is touched
+        check_objects(directory, read_dcp_metadata(directory))
+    except MergeError as err:
+        raise CheckpointError(str(err)) from None
     if "iteration" not in common:
         raise CheckpointError(f"{directory / 'common.pt'}: key 'iteration' missing (not a pretrain checkpoint)")
     mlm_args = megatron_lm.megatron_lm_args(common)
@@ -475,8 +550,11 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
     if merger is not None and merge_meta is not None:
         sd["merge_state"] = merger.sharded_state_dict(is_loading=True, saved=merge_meta)
     try:
-        loaded = dist_checkpointing.load(sd, str(directory))
+        loaded = safe_dist_checkpointing.load(sd, directory)
     except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+        refused = _merge_error_in(exc)
+        if refused is not None:  # the safe reader refused a part: its message names file and key
+            raise CheckpointError(str(refused)) from None
         damaged = truncated_files(directory)
         if damaged:
             raise CheckpointError(f"{directory}: truncated tensor file(s) {', '.join(damaged)}") from None

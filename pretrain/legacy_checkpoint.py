@@ -37,6 +37,8 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 
+from megatron_merge.errors import MergeError
+from megatron_merge.safe_load import load_torch
 from pretrain.checkpoint import (
     CHECKPOINT_VERSION,
     CheckpointError,
@@ -87,32 +89,13 @@ def is_legacy_checkpoint(path: str | Path) -> bool:
     )
 
 
-def _safe_globals() -> list:
-    """What a legacy file may hold beyond tensors: Megatron-LM's ``args`` Namespace and
-    numpy's RNG state (``np.random.get_state()``)."""
-    import numpy as np
-
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    allowed: list = [argparse.Namespace, np.ndarray, np.dtype]
-    for name in ("_reconstruct", "scalar"):
-        function = getattr(multiarray, name)
-        allowed += [(function, f"numpy.core.multiarray.{name}"), (function, f"numpy._core.multiarray.{name}")]
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        allowed += [c for c in vars(dtypes).values() if isinstance(c, type) and issubclass(c, np.dtype)]
-    return allowed
-
-
 def load_rank_file(path: Path) -> dict:
-    """One ``model_optim_rng.pt``, loaded with ``weights_only=True`` (plus the allowlist above)."""
+    """One ``model_optim_rng.pt``, read by the safe reader (``weights_only=True`` with
+    Megatron-LM's ``args`` Namespace, numpy RNG state and megatron-core's safe classes)."""
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except Exception as exc:  # noqa: BLE001 - unreadable for any reason
-        lines = str(exc).strip().splitlines()
-        raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {lines[0] if lines else ''})") from None
+        state = load_torch(path)
+    except MergeError as err:
+        raise CheckpointError(str(err)) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds {type(state).__name__}, expected a dict")
     return state

@@ -11,7 +11,6 @@ while ``checkpoint.save`` holds checkpoints past the start would replace them, a
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -70,12 +69,3 @@ def refuse_overwrite(cfg: RunConfig, start_iteration: int) -> None:
             "checkpoint.load unset to continue the saved run, save elsewhere, or set checkpoint.overwrite=true"
         )
 
-
-def remove_interrupted_deletions(root: str | Path) -> None:
-    """Finish deletions a kill interrupted (retention renames ``iter_N`` to ``iter_N.deleting`` first)."""
-    root = Path(root)
-    if not root.is_dir():
-        return
-    for leftover in sorted(root.glob("iter_*.deleting")):
-        logger.info("removing %s, left by an interrupted checkpoint deletion", leftover)
-        shutil.rmtree(leftover, ignore_errors=True)

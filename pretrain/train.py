@@ -37,13 +37,13 @@ from pretrain.async_save import AsyncCheckpointSaver
 from pretrain.banner import parameter_counts, startup_banner
 from pretrain.batches import TrainingData, build_training_data
 from pretrain.config import RunConfig, schedule_lengths
-from pretrain.merging import MERGED_DIR, build_merger, save_merged_checkpoint
+from pretrain.merging import build_merger, save_merged_checkpoint
 from pretrain.metrics import MetricsLogger, roll_back
 from pretrain.pma_init import initialize_from
 from pretrain.recovery import LossSpikeRecovery
 from pretrain.model import build_model
 from pretrain.platform import Platform, collective_device, init_distributed
-from pretrain.resume import choose_start, refuse_overwrite, remove_interrupted_deletions
+from pretrain.resume import choose_start, refuse_overwrite
 from pretrain.retention import apply_retention
 from pretrain.stopping import StopConditions
 
@@ -266,6 +266,11 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
     platform = platform or init_distributed(cfg)
     t, c = cfg.train, cfg.checkpoint
     set_seeds(t.seed)
+    if c.save:  # a kill during an earlier save must not block this resume or grow the disk
+        if dist.get_rank() == 0:
+            for action in ckpt.recover_interrupted_saves(c.save):
+                logger.warning("checkpoint leftovers: %s", action)
+        dist.barrier()
 
     data: TrainingData = build_training_data(cfg, platform)
     model = wrap_with_ddp(cfg, build_model(cfg, platform, data.vocab_size))
@@ -273,9 +278,6 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
     scheduler = build_scheduler(cfg, optimizer)
     merger = build_merger(cfg, model)  # None unless merge.enabled
 
-    if c.save and dist.get_rank() == 0:
-        for root in (Path(c.save), Path(c.save) / MERGED_DIR):
-            remove_interrupted_deletions(root)
     start_point = choose_start(cfg)  # checkpoint.load, else auto-resume from checkpoint.save
     state = ckpt.TrainState()
     init_record = None

@@ -23,7 +23,8 @@ from helpers import FAST, REPO, TINY_DENSE, free_port, run_pretrain
 from pretrain import metrics as metrics_mod
 from pretrain.checkpoint import TRACKER_FILE, read_tracker
 from pretrain.config import ConfigError, load_config, validate
-from pretrain.resume import newest_complete_iteration, remove_interrupted_deletions
+from pretrain.checkpoint import recover_interrupted_saves
+from pretrain.resume import newest_complete_iteration
 from pretrain.retention import iterations_to_delete, prune, saved_iterations, still_needed
 from pretrain.stopping import StopConditions
 
@@ -216,7 +217,7 @@ def test_prune_renames_then_deletes(tmp_path):
     assert prune(tmp_path, keep_last=1, keep_every=None) == [2, 4]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000006"]
     (tmp_path / "iter_0000004.deleting").mkdir()  # a kill during a deletion
-    remove_interrupted_deletions(tmp_path)
+    assert any("iter_0000004.deleting" in action for action in recover_interrupted_saves(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000006"]
 
 

@@ -23,6 +23,12 @@ from megatron_merge.formats.torch_dist import TorchDistCheckpoint
 FORMATS = ("torch_dist", "torch", "deepspeed")
 
 
+def is_extra_state(key: str) -> bool:
+    """Whether a state-dict key names a module's ``_extra_state`` (Transformer Engine's FP8
+    metadata and the like): copied from the newest input even when it is a float tensor."""
+    return key.split("/shard_", 1)[0].endswith("_extra_state")
+
+
 def detect_format(path: str | Path) -> str | None:
     """The format of a checkpoint directory, from its contents; None if it is none of them."""
     from megatron_merge.formats.deepspeed import looks_like_deepspeed

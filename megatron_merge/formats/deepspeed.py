@@ -47,9 +47,9 @@ from megatron_merge.errors import MergeError
 from megatron_merge.formats.rank_files import (
     FileRule,
     RankFileCheckpoint,
-    common_safe_globals,
     weight_tensors,
 )
+from megatron_merge.safe_load import common_safe_globals
 
 MODEL_STATES = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 ZERO3_MODEL_STATES = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
@@ -242,6 +242,35 @@ class DeepSpeedCheckpoint(RankFileCheckpoint):
                 "mp_world_size": states.get("mp_world_size"),
             }
         return self._layout
+
+    def check_complete(self) -> None:
+        """Every rank file the stored world sizes call for is present: one model-states file per
+        model-parallel rank (per rank at ZeRO-3) and, where the checkpoint has ZeRO optimizer
+        files at all (``--model-only`` outputs have none), one per data- and model-parallel rank.
+        Pipeline and expert layouts name their files otherwise and are not checked here."""
+        if any(LAYER_STATES.match(n) or EXPERT_STATES.match(n) or EXPERT_OPTIM_STATES.match(n)
+               for n in self._files):
+            return
+        states = self._model_states()
+        dp, mp = states.get("dp_world_size"), states.get("mp_world_size")
+        if not (isinstance(dp, int) and isinstance(mp, int) and dp > 0 and mp > 0):
+            return
+        where = self.path / self._model_files[0]
+        zero3 = self.zero_stage() == 3
+        expected = [f"zero_pp_rank_{d}_mp_rank_{m:02d}_model_states.pt" for d in range(dp) for m in range(mp)] \
+            if zero3 else [f"mp_rank_{m:02d}_model_states.pt" for m in range(mp)]
+        optim = [n for n in self._files if ZERO_OPTIM_STATES.match(n)]
+        if optim:
+            prefix = "bf16_" if optim[0].startswith("bf16_") else ""
+            expected += [f"{prefix}zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt"
+                         for d in range(dp) for m in range(mp)]
+        missing = [name for name in expected if name not in self._files]
+        if missing:
+            raise MergeError(
+                f"{self.path / missing[0]}: missing ({len(missing)} rank file(s) missing); "
+                f"{where} records dp_world_size={dp}, mp_world_size={mp}, so the checkpoint has "
+                f"one such file per rank -- copy the complete checkpoint"
+            )
 
     def check_matches(self, newest: "RankFileCheckpoint") -> None:
         super().check_matches(newest)

@@ -32,9 +32,9 @@ from megatron_merge.errors import MergeError
 from megatron_merge.formats.rank_files import (
     FileRule,
     RankFileCheckpoint,
-    common_safe_globals,
     weight_tensors,
 )
+from megatron_merge.safe_load import common_safe_globals
 
 MODEL_FILE = "model_optim_rng.pt"
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"

@@ -17,26 +17,23 @@ The formats (:mod:`.legacy`, :mod:`.deepspeed`) only say which files a checkpoin
 slots of a file are merged, what ``--model-only`` removes, and which classes their files may
 pickle. This module plans, writes, records and verifies.
 
-Safety: files are read with ``torch.load(weights_only=True)`` under an explicit, per-format
-allowlist of classes (``torch.serialization.safe_globals``); anything else is refused with the
-class named. Memory: inputs are memory-mapped (``mmap=True``); a process holds one output file's
+Safety: files are read by :func:`megatron_merge.safe_load.load_torch`
+(``torch.load(weights_only=True)`` under an explicit allowlist, plus a per-format list); anything
+else is refused with the file, key and class named. Memory: inputs are memory-mapped (``mmap=True``); a process holds one output file's
 merged tensors plus one tensor's accumulator, so its peak is bounded by one file.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import logging
 import multiprocessing
 import os
-import pickle
 import random
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
@@ -48,8 +45,10 @@ from megatron_merge.accumulate import (
     resolve_accumulate_dtype,
     torch_threads,
 )
-from megatron_merge.errors import MergeError
+from megatron_merge.errors import MergeError, UnsafeCheckpointError
+from megatron_merge.formats import is_extra_state
 from megatron_merge.record import MERGE_RECORD_FILE, input_entries, record_header
+from megatron_merge.safe_load import load_torch
 from megatron_merge.verify import reference_step
 
 logger = logging.getLogger(__name__)
@@ -61,80 +60,6 @@ SlotPath = tuple  # keys (str/int/...) and list indices from the root of a file'
 # --------------------------------------------------------------------------------------------
 # Reading files safely, walking their trees
 # --------------------------------------------------------------------------------------------
-
-_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-
-
-class RefusedGlobal(MergeError):
-    """A file pickles a class or function outside the allowlist; ``qualname`` names it."""
-
-    def __init__(self, message: str, qualname: str):
-        super().__init__(message)
-        self.qualname = qualname
-
-
-def load_pt(path: Path, safe_globals: Sequence, mmap: bool = True) -> Any:
-    """``torch.load(path, weights_only=True)`` with ``safe_globals`` allowed, memory-mapped.
-
-    Raises :class:`MergeError` naming the file (and the refused class, if that is the cause).
-    """
-    try:
-        with torch.serialization.safe_globals(list(safe_globals)):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise MergeError(f"{path}: missing") from None
-    except pickle.UnpicklingError as err:
-        match = _UNSUPPORTED_GLOBAL.search(str(err))
-        if match:
-            raise RefusedGlobal(
-                f"{path}: refusing to unpickle {match.group(1)}: not in the allowlist of classes "
-                f"this checkpoint format may contain (files load with weights_only=True)",
-                match.group(1),
-            ) from None
-        detail = re.search(r"WeightsUnpickler error: (.*)", str(err))
-        reason = detail.group(1)[:300] if detail else _first_line(err)
-        raise MergeError(f"{path}: cannot load with weights_only=True ({reason})") from None
-    except RuntimeError as err:
-        if mmap and "mmap" in str(err):  # a file from torch < 1.6 (not a zip archive): no mmap
-            return load_pt(path, safe_globals, mmap=False)
-        raise MergeError(f"{path}: corrupt or truncated ({_first_line(err)})") from None
-    except Exception as err:  # noqa: BLE001 - any other failure means an unreadable file
-        raise MergeError(f"{path}: corrupt or truncated ({type(err).__name__}: {_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
-
-
-@functools.lru_cache(maxsize=None)
-def common_safe_globals() -> tuple:
-    """What Megatron and DeepSpeed store beside the tensors, allowed for every per-rank format.
-
-    ``argparse.Namespace`` / ``SimpleNamespace`` (Megatron's ``args``), ``io.BytesIO`` (Transformer
-    Engine ``_extra_state``), and numpy arrays and scalars (``np.random.get_state()`` in
-    ``rng_state``). Each rebuilds plain data; none runs code from the file. Entries are
-    ``(object, "module.name")`` pairs where numpy 1 and numpy 2 pickle the same thing under
-    different names.
-    """
-    import argparse
-    import io
-    import types
-
-    import numpy as np
-
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    allowed: list = [argparse.Namespace, types.SimpleNamespace, io.BytesIO, np.ndarray, np.dtype]
-    for name in ("_reconstruct", "scalar"):
-        function = getattr(multiarray, name)
-        allowed += [(function, f"numpy.core.multiarray.{name}"),
-                    (function, f"numpy._core.multiarray.{name}")]
-    # numpy >= 1.25 pickles a dtype's class (numpy.dtypes.UInt32DType, ...) in some cases
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        allowed += [cls for cls in vars(dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)]
-    return tuple(allowed)
-
 
 def iter_tensors(obj: Any, prefix: SlotPath = ()) -> Iterator[tuple[SlotPath, torch.Tensor]]:
     """Every tensor in a tree of dicts, lists and tuples, with its slot path (depth first)."""
@@ -149,9 +74,10 @@ def iter_tensors(obj: Any, prefix: SlotPath = ()) -> Iterator[tuple[SlotPath, to
 
 
 def weight_tensors(obj: Any, prefix: SlotPath = ()) -> Iterator[tuple[SlotPath, torch.Tensor]]:
-    """Tensors under ``obj`` that a merge combines: floating point and not empty."""
+    """Tensors under ``obj`` that a merge combines: floating point, not empty, not extra state."""
     for path, tensor in iter_tensors(obj, prefix):
-        if tensor.dtype.is_floating_point and tensor.numel() > 0:
+        if tensor.dtype.is_floating_point and tensor.numel() > 0 and not (
+                path and isinstance(path[-1], str) and is_extra_state(path[-1])):
             yield path, tensor
 
 
@@ -241,6 +167,9 @@ class RankFileCheckpoint:
         """The parallel layout, for the plan and merge.json."""
         return {}
 
+    def check_complete(self) -> None:
+        """Raise if a file the checkpoint's own stored layout calls for is missing."""
+
     def check_matches(self, newest: "RankFileCheckpoint") -> None:
         """Raise if this (older) input cannot be merged file by file with ``newest``."""
         mine, theirs = self.layout(), newest.layout()
@@ -273,13 +202,14 @@ class RankFileCheckpoint:
         """Any file of this format, loaded with ``weights_only=True`` and the format's allowlist."""
         while True:
             try:
-                return load_pt(path, [*self.safe_globals(), *self._resolved.values()], mmap)
-            except RefusedGlobal as err:
+                return load_torch(path, extra_globals=[*self.safe_globals(), *self._resolved.values()],
+                                  mmap=mmap)
+            except UnsafeCheckpointError as err:
                 if err.qualname not in self.on_demand_globals or err.qualname in self._resolved:
                     raise
                 self._resolved[err.qualname] = self._import_global(err, path)
 
-    def _import_global(self, err: RefusedGlobal, path: Path) -> Any:
+    def _import_global(self, err: UnsafeCheckpointError, path: Path) -> Any:
         import importlib
 
         module_name, _, attr = err.qualname.rpartition(".")
@@ -431,6 +361,8 @@ def plan_rank_file_merge(
 ) -> RankFileMergePlan:
     """Check the inputs agree file by file and decide what happens to every file and tensor."""
     newest = checkpoints[-1]
+    for ckpt in checkpoints:
+        ckpt.check_complete()
     for ckpt in checkpoints[:-1]:
         ckpt.check_matches(newest)
         extra = sorted(set(ckpt.files()) - set(newest.files()))

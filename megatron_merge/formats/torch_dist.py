@@ -20,16 +20,16 @@ Writing mirrors ``_write_item``: ``torch.save(tensor, stream)`` at the stream's 
 new ``(offset, length)`` recorded in a fresh ``storage_data``; ``.metadata`` is pickled the way
 ``FileSystemWriter.finish`` does. So torch's and megatron-core's own readers load the output.
 
-Safety: ``.metadata`` is read with a restricted unpickler that only resolves DCP metadata
-classes; tensor items load with ``torch.load(weights_only=True)`` (the merge has torch parse
-the item that way, then reads its data record into a reused buffer); bytes items are copied
-without being unpickled; ``common.pt`` is copied byte for byte, or, when optimizer state is
-dropped, loaded with ``weights_only=True`` and saved without its optimizer entries.
+Safety: every pickled part is read by :mod:`megatron_merge.safe_load`: ``.metadata`` with a
+restricted unpickler that only resolves DCP metadata classes; tensor items with
+``torch.load(weights_only=True)`` (the merge has torch parse the item that way, then reads its
+data record into a reused buffer); bytes items and ``common.pt`` are parsed the same way
+(:meth:`TorchDistCheckpoint.check_opaque_parts`) before the merge copies them byte for byte
+(or, when optimizer state is dropped, saves ``common.pt`` again without its optimizer entries).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -56,79 +56,14 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from megatron_merge.accumulate import PieceBuffers, intersect
-from megatron_merge.errors import MergeError
+from megatron_merge.errors import MergeError, UnsafeCheckpointError
+from megatron_merge.safe_load import DCP_METADATA_FILE, check_objects, load_torch, read_dcp_metadata
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "metadata.json"
 COMMON_FILE = "common.pt"
-DCP_METADATA_FILE = ".metadata"
 BACKEND = "torch_dist"
-
-
-# --------------------------------------------------------------------------------------------
-# Reading .metadata safely
-# --------------------------------------------------------------------------------------------
-
-_DCP_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "MetadataIndex",
-        "StorageMeta",
-        "_MEM_FORMAT_ENCODING",
-    },
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
-    # megatron-core pickles its save plans into the metadata (`all_local_plans`).
-    "torch.distributed.checkpoint.planner": {
-        "SavePlan",
-        "WriteItem",
-        "WriteItemType",
-        "TensorWriteData",
-        "BytesIOWriteData",
-    },
-    "torch": {"Size"},
-    "torch.serialization": {"_get_layout"},
-    "collections": {"OrderedDict"},
-    # torch's FileSystemWriter records StorageMeta.checkpoint_id as a Path.
-    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
-    "builtins": {"set", "frozenset"},
-}
-# Placeholder classes older megatron-core versions pickled into .metadata.
-_MEGATRON_CLASSES = {
-    "megatron.core.dist_checkpointing.strategies.torch": {"MCoreMetadata", "MCoreSavePlan"},
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles a DCP ``.metadata`` file; refuses every class outside an explicit allowlist."""
-
-    def find_class(self, module: str, name: str):
-        if name in _DCP_CLASSES.get(module, ()) or name in _MEGATRON_CLASSES.get(module, ()):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not a DCP metadata class)")
-
-
-def read_dcp_metadata(checkpoint_dir: str | Path) -> Metadata:
-    """Read ``<checkpoint_dir>/.metadata`` with the restricted unpickler."""
-    path = Path(checkpoint_dir) / DCP_METADATA_FILE
-    try:
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-    except FileNotFoundError:
-        raise MergeError(f"{path}: missing; not a complete torch_dist checkpoint") from None
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise MergeError(f"{path}: cannot read DCP metadata ({type(err).__name__}: {err})") from None
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
-        raise MergeError(f"{path}: not a torch.distributed.checkpoint Metadata object")
-    if not isinstance(metadata.storage_data, dict):
-        raise MergeError(f"{path}: DCP metadata has no storage_data")
-    return metadata
 
 
 def write_dcp_metadata(checkpoint_dir: str | Path, metadata: Metadata) -> None:
@@ -298,6 +233,11 @@ class TorchDistCheckpoint:
                 size = (self.path / name).stat().st_size
             except FileNotFoundError:
                 raise MergeError(f"{self.path / name}: missing (holds key {key!r})") from None
+            if not os.access(self.path / name, os.R_OK):
+                raise MergeError(
+                    f"{self.path / name}: not readable (permission denied; holds key {key!r}); "
+                    f"make it readable (chmod u+r) and run again"
+                )
             self._file_sizes[name] = size
         if storage.offset < 0 or storage.length < 0 or storage.offset + storage.length > size:
             raise MergeError(
@@ -305,25 +245,35 @@ class TorchDistCheckpoint:
                 f"[{storage.offset}, {storage.offset + storage.length}) but the file has {size} bytes"
             )
 
+    def check_files(self) -> None:
+        """Raise unless every item the metadata lists lies inside its file (missing or truncated
+        ``.distcp`` files), whether or not a merge reads that item."""
+        for index, info in self.metadata.storage_data.items():
+            self.check_stored(info, index.fqn)
+
+    def check_opaque_parts(self) -> None:
+        """Parse ``common.pt`` and every bytes item with the safe reader; raise if one is refused
+        or unreadable. A merge copies these byte for byte, so it checks them first."""
+        self.load_common()
+        check_objects(self.path, self.metadata)
+
     def load_common(self) -> dict:
-        """``common.pt`` loaded with ``weights_only=True`` (plus ``argparse.Namespace``, which
-        Megatron-LM stores as ``args``). Raises :class:`MergeError` if it holds anything else."""
+        """``common.pt`` read by the safe reader (:func:`~megatron_merge.safe_load.load_torch`:
+        Megatron-LM's ``args`` and megatron-core's safe classes are allowed). Raises
+        :class:`MergeError` if it holds anything else."""
         path = self.path / COMMON_FILE
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                common = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - unreadable under weights_only for any reason
-            raise MergeError(
-                f"{path}: cannot load with weights_only=True ({type(err).__name__}: {err})"
-            ) from None
+        common = load_torch(path)
         if not isinstance(common, dict):
             raise MergeError(f"{path}: holds {type(common).__name__}, expected a dict")
         return common
 
     def iteration(self) -> int | None:
-        """``iteration`` from common.pt when it is readable; else None (a peek only)."""
+        """``iteration`` from common.pt when it is readable; else None (a peek only). A
+        common.pt holding a refused class raises even here: that input is hostile."""
         try:
             value = self.load_common().get("iteration")
+        except UnsafeCheckpointError:
+            raise
         except MergeError as err:
             logger.debug("%s: no iteration from %s (%s)", self.path, COMMON_FILE, err)
             return None
