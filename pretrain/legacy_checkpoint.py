@@ -51,6 +51,7 @@ from pretrain.checkpoint import (
     publish_checkpoint,
     unwrap,
 )
+from pretrain import megatron_lm_checkpoint as megatron_lm
 from pretrain.config import RunConfig, to_dict
 
 logger = logging.getLogger(__name__)
@@ -133,16 +134,7 @@ def _rng_entry() -> list[dict]:
 def _restore_rng(entries: Any, where: Path) -> None:
     if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
         raise CheckpointError(f"{where}: key 'rng_state' is not a list of RNG state dicts")
-    entry = entries[0]
-    state = {
-        "random": entry["random_rng_state"],
-        "np_random": entry["np_rng_state"],
-        "torch": entry["torch_rng_state"],
-        "tracker": entry["rng_tracker_states"],
-    }
-    if "cuda_rng_state" in entry:
-        state["cuda"] = entry["cuda_rng_state"]
-    _set_rng_state(state)
+    _set_rng_state(megatron_lm.rng_state(entries))
 
 
 # ---------------------------------------------------------------------------

@@ -104,3 +104,19 @@ def peak_rss_of_merge(inputs, out) -> int:
     )
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout.split("PEAK_RSS_KB")[1].split()[0]) * 1024
+
+
+def run_cli(args) -> tuple[int, str]:
+    """``megatron-merge args --no-progress`` in this process: (exit code, stderr text)."""
+    import contextlib
+    import io
+
+    from megatron_merge import cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([*map(str, args), "--no-progress"])
+        except SystemExit as exc:
+            code = exc.code
+    return code, err.getvalue()

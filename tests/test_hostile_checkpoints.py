@@ -16,7 +16,6 @@ part has them), nothing is written and no model weight changes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
@@ -29,9 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, run_pretrain
+from helpers import REPO, run_cli, run_pretrain
 
-from megatron_merge import cli
 from megatron_merge.safe_load import read_dcp_metadata
 
 RUN_OVERRIDES = ["model.num_layers=2", "train.global_batch_size=4", "train.train_iters=2", "scheduler.warmup_iters=1",
@@ -192,15 +190,6 @@ def deepspeed_tag(path: Path, step: int, extra: dict | None = None) -> Path:
 # Helpers
 # ------------------------------------------------------------------------------------------------
 
-
-def run_cli(args) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([*map(str, args), "--no-progress"])
-        except SystemExit as exc:
-            code = exc.code
-    return code, err.getvalue()
 
 
 def short_name(kind: str) -> str:

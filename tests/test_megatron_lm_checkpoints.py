@@ -34,9 +34,6 @@ TORCH_DIST = [
 ]
 LEGACY = ["torch_pp2_bf16_distopt", "torch_pp2_vpp2_bf16", "torch_ep2_moe_bf16_distopt"]
 WEIGHTS = [0.5, 0.5]
-ALLOWLIST_XFAIL = pytest.mark.xfail(
-    strict=True, reason="issue 13 item 2: safe_globals allowlist for Megatron-LM's common.pt args"
-)
 
 
 def inputs(case: str) -> list[Path]:
@@ -163,7 +160,6 @@ def test_different_bucket_layouts_are_refused_with_the_key_named(tmp_path, capsy
     assert "error:" in err and "bucket layout differs" in err and "bucket_idx_0.param" in err
 
 
-@ALLOWLIST_XFAIL
 def test_torch_dist_model_only(tmp_path):
     out = tmp_path / "out"
     merge_checkpoints(inputs("torch_dist_tp2_bf16_distopt"), out, model_only=True)

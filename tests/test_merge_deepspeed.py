@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import free_port
+from helpers import free_port, run_cli
 from pretrain.platform import process_group_teardown
 
 WORLD_SIZE = 2
@@ -163,7 +163,6 @@ deepspeed = pytest.importorskip("deepspeed")
 
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
-from megatron_merge import cli  # noqa: E402
 from megatron_merge.errors import MergeError  # noqa: E402
 from megatron_merge.offline import merge_checkpoints  # noqa: E402
 
@@ -206,17 +205,6 @@ def reference_merge(tags: list[Path], weights: list[float] | None = None,
 def load_raw(path: Path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
-
-def run_cli(args) -> tuple[int, str]:
-    import contextlib
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([*map(str, args), "--no-progress"])
-        except SystemExit as exc:
-            code = exc.code
-    return code, err.getvalue()
 
 
 def assert_no_output(out: Path) -> None:

@@ -16,7 +16,6 @@ The reference merge loads each input file with plain ``torch.load`` and averages
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
@@ -29,8 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import peak_rss_of_merge, run_pretrain
-from megatron_merge import cli
+from helpers import peak_rss_of_merge, run_cli, run_pretrain
 from megatron_merge.errors import MergeError
 from megatron_merge.offline import merge_checkpoints
 from megatron_merge.weights import merge_weights
@@ -150,15 +148,6 @@ def reference(paths: list[Path], slot: tuple, weights: list[float] | None = None
         acc = acc + tensor.to(torch.float32) * weight
     return acc.to(tensors[0].dtype)
 
-
-def run_cli(args) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([*map(str, args), "--no-progress"])
-        except SystemExit as exc:
-            code = exc.code
-    return code, err.getvalue()
 
 
 def assert_no_output(out: Path) -> None:

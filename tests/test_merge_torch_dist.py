@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import free_port, peak_rss_of_merge
+from helpers import free_port, peak_rss_of_merge, run_cli
 from pretrain.platform import process_group_teardown
 
 WORLD_SIZE = 2
@@ -181,7 +181,6 @@ if __name__ == "__main__":
 
 from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
 
-from megatron_merge import cli  # noqa: E402
 from megatron_merge.errors import MergeError  # noqa: E402
 from megatron_merge.offline import merge_checkpoints  # noqa: E402
 from megatron_merge.weights import merge_weights  # noqa: E402
@@ -200,18 +199,6 @@ def stored_bytes(path: Path, key: str) -> bytes:
         f.seek(info.offset)
         return f.read(info.length)
 
-
-def run_cli(args) -> tuple[int, str]:
-    """Run the CLI in this process; return (exit code, stderr text)."""
-    import contextlib
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([*map(str, args), "--no-progress"])
-        except SystemExit as exc:
-            code = exc.code
-    return code, err.getvalue()
 
 
 def assert_no_output(out: Path) -> None:
