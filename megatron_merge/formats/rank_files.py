@@ -740,5 +740,5 @@ def verify_rank_file_merge(plan: RankFileMergePlan, out_dir: str | Path, samples
                     f"independent recomputation"
                 )
         del out_obj
-    logger.info("verified %d merged tensors of %s", len(chosen), out_dir)
+    logger.info("verified %d merged tensors against an independent recomputation", len(chosen))  # out_dir: staging
     return len(chosen)
