@@ -284,6 +284,13 @@ class MergeConfig:
     )
     keep_last: Optional[int] = doc(None, "Retention of <save>/merged/: keep the newest K merged checkpoints.")
     keep_every: Optional[int] = doc(None, "Retention of <save>/merged/: also keep iterations divisible by M.")
+    # Merge candidates (megatron_merge/candidates.py): many merges evaluated beside the primary one.
+    candidates: list = doc([], "Merges evaluated at every evaluation beside the primary one, e.g. [sma:3, wma:10, "
+                               "ema:0.2, sma:10/every2]: METHOD:N[/everyK] or ema:ALPHA[/everyK], K in merge intervals.")
+    max_store_mib: Optional[float] = doc(None, "Refuse the run when the merge store (snapshots and EMA accumulators "
+                                               "of the primary merge and the candidates) exceeds this on a rank.")
+    save_candidates: bool = doc(False, "Also write each candidate's merge to <save>/merged_candidates/<name>/iter_N at "
+                                       "each save.")
 
 
 @dataclass
@@ -565,6 +572,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None, cuda_available: O
 
     _validate_moe(cfg)
     _validate_merge(cfg)
+    _validate_candidates(cfg)
     _validate_init_and_recovery(cfg)
     _validate_stopping_and_retention(cfg)
 
@@ -685,6 +693,28 @@ def _validate_merge(cfg: RunConfig) -> None:
     if m.storage == "device":
         _require(_cuda_available() and cfg.train.device != "cpu",
                  "merge.storage: device keeps snapshots in GPU memory and needs CUDA; use host on CPUs")
+
+
+def _validate_candidates(cfg: RunConfig) -> None:
+    """merge.candidates, merge.max_store_mib, merge.save_candidates."""
+    from megatron_merge.candidates import parse_candidates
+
+    m = cfg.merge
+    _require(m.max_store_mib is None or (_is_number(m.max_store_mib) and m.max_store_mib > 0),
+             f"merge.max_store_mib: {m.max_store_mib!r} must be a positive number of MiB (or null: no budget)")
+    if not m.candidates:
+        _require(not m.save_candidates, "merge.save_candidates needs merge.candidates")
+        return
+    _require(isinstance(m.candidates, list),
+             f"merge.candidates: {m.candidates!r} must be a list of strings, e.g. [sma:3, ema:0.2]")
+    try:
+        parse_candidates(m.candidates)
+    except ValueError as err:
+        raise ConfigError(f"merge.candidates{err}") from None
+    _require(m.enabled, "merge.candidates are served from the in-training merger's snapshots: set merge.enabled: true")
+    _require(m.storage != "disk", "merge.candidates need the snapshots in memory: use merge.storage: host or device")
+    _require(not m.save_candidates or cfg.checkpoint.save is not None,
+             "merge.save_candidates needs checkpoint.save (candidate merges go to <save>/merged_candidates)")
 
 
 def _validate_stopping_and_retention(cfg: RunConfig) -> None:
