@@ -229,7 +229,12 @@ class CandidateMerges:
                 s.name: loaded[f"candidate/{c.slug}/{s.name}"].to(m.state_device(s.param)) for s in m.owned})
 
     def accumulator_count(self) -> int:
+        """How many fp32 EMA accumulators (per owned parameter) the candidates keep."""
         return len(self.ema)
+
+    def memory_bytes(self) -> int:
+        """Bytes the EMA candidates' accumulators hold on this rank (the store is the merger's)."""
+        return sum(t.numel() * t.element_size() for state in self.ema.values() for t in state.accumulators.values())
 
 
 

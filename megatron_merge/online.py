@@ -353,6 +353,8 @@ class PartitionMerger:
             total += sum(t.numel() * t.element_size() for t in slot.snapshots)
             if slot.accumulator is not None:
                 total += slot.accumulator.numel() * slot.accumulator.element_size()
+        if self.candidates is not None:
+            total += self.candidates.memory_bytes()
         return total
 
 

@@ -45,12 +45,18 @@ def best_per_evaluation(records: Sequence[dict]) -> list[dict]:
     return rows
 
 
-def candidate_table(records: Sequence[dict], indent: str = "  ") -> list[str]:
-    """Lines of the table: best candidate per evaluation, its margin over raw, the noise level."""
+def records_noise(records: Sequence[dict]) -> Optional[float]:
+    """The noise level of the records' raw losses."""
+    return noise_level([r["val_loss"] for r in records if r.get("val_loss") is not None])
+
+
+def candidate_table(records: Sequence[dict], indent: str = "  ", noise: Optional[float] = None) -> list[str]:
+    """Lines of the table: best candidate per evaluation, its margin over raw, the noise level
+    (``noise``, else that of the records)."""
     rows = best_per_evaluation(records)
     if not rows:
         return []
-    noise = noise_level([r["val_loss"] for r in records if r.get("val_loss") is not None])
+    noise = records_noise(records) if noise is None else noise
     width = max(12, *(len(r["best"]) for r in rows))
     lines = [f"{indent}merge candidates  iteration  raw val_loss  {'best candidate':<{width}}  val_loss  "
              "margin (raw - best)"]
@@ -64,9 +70,11 @@ def candidate_table(records: Sequence[dict], indent: str = "  ") -> list[str]:
 
 
 def plot_candidates(records: Sequence[dict], path: Path, tokens_per_iteration: int,
-                    title: str = "validation loss: raw weights and merge candidates") -> Optional[Path]:
-    """PNG of validation loss against tokens, raw and each candidate, with the noise band around
-    raw; written atomically. Returns the path, or None when matplotlib is not installed."""
+                    title: str = "validation loss: raw weights and merge candidates",
+                    noise: Optional[float] = None) -> Optional[Path]:
+    """PNG of validation loss against tokens, raw and each candidate, with the noise band
+    (``noise``, else that of the records) around raw; written atomically. Returns the path, or
+    None when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -83,7 +91,7 @@ def plot_candidates(records: Sequence[dict], path: Path, tokens_per_iteration: i
     tokens = [r["iteration"] * tokens_per_iteration for r in records]
     raw = [r["val_loss"] for r in records]
     ax.plot(tokens, raw, color="black", linewidth=2.2, marker="o", label="raw weights", zorder=3)
-    noise = noise_level(raw)
+    noise = noise_level(raw) if noise is None else noise
     if noise is not None:
         ax.fill_between(tokens, [v - noise for v in raw], [v + noise for v in raw], color="grey", alpha=0.25,
                         label=f"raw ± noise ({noise:.3f})", zorder=1)

@@ -703,7 +703,7 @@ def _validate_candidates(cfg: RunConfig) -> None:
     _require(m.max_store_mib is None or (_is_number(m.max_store_mib) and m.max_store_mib > 0),
              f"merge.max_store_mib: {m.max_store_mib!r} must be a positive number of MiB (or null: no budget)")
     if not m.candidates:
-        _require(not m.save_candidates, "merge.save_candidates needs merge.candidates")
+        _require(not (m.enabled and m.save_candidates), "merge.save_candidates needs merge.candidates")
         return
     _require(isinstance(m.candidates, list),
              f"merge.candidates: {m.candidates!r} must be a list of strings, e.g. [sma:3, ema:0.2]")
@@ -711,7 +711,8 @@ def _validate_candidates(cfg: RunConfig) -> None:
         parse_candidates(m.candidates)
     except ValueError as err:
         raise ConfigError(f"merge.candidates{err}") from None
-    _require(m.enabled, "merge.candidates are served from the in-training merger's snapshots: set merge.enabled: true")
+    if not m.enabled:  # like the rest of the merge section: off means off (the strings are checked still)
+        return
     _require(m.storage != "disk", "merge.candidates need the snapshots in memory: use merge.storage: host or device")
     _require(not m.save_candidates or cfg.checkpoint.save is not None,
              "merge.save_candidates needs checkpoint.save (candidate merges go to <save>/merged_candidates)")

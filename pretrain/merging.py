@@ -67,8 +67,8 @@ def partition_merger(spec: OnlineMergeSpec, model_chunks, run_dir: Optional[str]
 def install_merged_checkpoints(model_chunks, optimizer, directories, method: str, alpha: float = 0.2) -> list[float]:
     """Put the merge of saved checkpoints (oldest first) into the model, each rank its own part.
 
-    The optimizer's main (fp32) parameters are reloaded from the new model weights. Returns
-    the weights used. One checkpoint is loaded as it is.
+    The optimizer's main (fp32) parameters, if there is an optimizer, are reloaded from the new
+    model weights. Returns the weights used. One checkpoint is loaded as it is.
     """
     spec = OnlineMergeSpec(method=method, window=max(2, len(directories)), interval=1, ema_alpha=alpha,
                            storage="disk")
@@ -77,7 +77,8 @@ def install_merged_checkpoints(model_chunks, optimizer, directories, method: str
     merged = merger.merge_checkpoints(directories, weights, ema_alpha=alpha if method == "ema" and len(directories) > 1
                                       else None)
     merger.install(merged)
-    optimizer.reload_model_params()
+    if optimizer is not None:
+        optimizer.reload_model_params()
     return weights
 
 

@@ -1,10 +1,15 @@
 """Merge candidates: many merges from one snapshot store, bit-exact against the offline tool."""
 
 import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from helpers import run_pretrain
+from helpers import REPO, free_port, run_pretrain
 from test_merge_online import assert_same_model, offline_merge
 
 ITERS, INTERVAL = 8, 2
@@ -90,3 +95,42 @@ def test_bad_candidate_strings_get_a_clear_error(capsys, entry, message):
                  f"merge.candidates=[sma:3,{entry}]"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: merge.candidates[1]: ") and message in err, err
+
+
+def _torchrun(*args):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(free_port()), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_sweep_equals_evaluate_of_the_written_out_merge(run, tmp_path):
+    """The sweep merges in memory (the run directory is left as it was); the best candidate's
+    printed megatron-merge command writes a checkpoint whose pretrain.evaluate loss is the sweep's."""
+    before = sorted(p.name for p in run.run_dir.iterdir())
+    out = tmp_path / "sweep.jsonl"
+    stdout = _torchrun("-m", "pretrain.evaluate", "--sweep", run.run_dir, "--methods", "sma,ema", "--last", "2,3",
+                       "--every", "1,2", "--alphas", "0.3", "--end", "6", "8", "--out", out,
+                       "--plot", tmp_path / "sweep.png")
+    assert sorted(p.name for p in run.run_dir.iterdir()) == before
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    at8 = {r["candidate"]: r for r in records if r["end_iteration"] == 8}
+    # sma:3/every2 needs 5 saved iterations at or before 8 (2, 4, 6, 8 are saved): left out.
+    assert sorted(at8) == sorted(["raw", "sma:2", "sma:2/every2", "sma:3", "ema0.3:2", "ema0.3:2/every2", "ema0.3:3"])
+    assert at8["sma:2/every2"]["iterations"] == [4, 8] and at8["sma:3"]["iterations"] == [4, 6, 8]
+    logged = [r for r in run.metrics if r.get("iteration") == 8 and "val_loss" in r][0]
+    assert at8["raw"]["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-6, abs=0)
+    assert at8["sma:3"]["val_loss"] == pytest.approx(logged["val_loss_candidates"]["sma:3"], rel=1e-6, abs=0)
+    assert "merge candidates  iteration" in stdout and (tmp_path / "sweep.png").stat().st_size > 10_000
+
+    command = shlex.split(stdout.split("write it out with:\n")[1].splitlines()[0])
+    assert command[0] == "megatron-merge"
+    merged = Path(command[command.index("--out") + 1])
+    subprocess.run([sys.executable, "-m", "megatron_merge", "--no-progress", *command[1:]], cwd=REPO, check=True,
+                   capture_output=True, timeout=300)
+    best = min((r for r in at8.values() if r["candidate"] != "raw"), key=lambda r: r["val_loss"])
+    evaluated = tmp_path / "evaluated.jsonl"
+    _torchrun("-m", "pretrain.evaluate", "--checkpoints", merged, "--out", evaluated)
+    assert json.loads(evaluated.read_text())["val_loss"] == best["val_loss"]
