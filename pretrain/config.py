@@ -282,8 +282,10 @@ class MergeConfig:
     storage: Literal["host", "device", "disk"] = doc(
         "host", "Where snapshots live: host (pinned CPU) | device (GPU) | disk (the saved checkpoints)."
     )
-    keep_last: Optional[int] = doc(None, "Retention of <save>/merged/: keep the newest K merged checkpoints.")
-    keep_every: Optional[int] = doc(None, "Retention of <save>/merged/: also keep iterations divisible by M.")
+    keep_last: Optional[int] = doc(None, "Retention of <save>/merged/ (and merged_candidates/*/): keep the newest K "
+                                         "merged checkpoints.")
+    keep_every: Optional[int] = doc(None, "Retention of <save>/merged/ (and merged_candidates/*/): also keep "
+                                          "iterations divisible by M.")
     # Merge candidates (megatron_merge/candidates.py): many merges evaluated beside the primary one.
     candidates: list = doc([], "Merges evaluated at every evaluation beside the primary one, e.g. [sma:3, wma:10, "
                                "ema:0.2, sma:10/every2]: METHOD:N[/everyK] or ema:ALPHA[/everyK], K in merge intervals.")

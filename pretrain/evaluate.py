@@ -66,8 +66,8 @@ def evaluation_config(config: Optional[str], overrides: list[str], first_checkpo
     return dataclasses.replace(
         cfg,
         checkpoint=dataclasses.replace(cfg.checkpoint, load=None, init_from=None, init_merge_method=None,
-                                       save=None, save_interval=None),
-        merge=dataclasses.replace(cfg.merge, enabled=False),
+                                       save=None, save_interval=None, keep_last=None, keep_every=None),
+        merge=dataclasses.replace(cfg.merge, enabled=False, keep_last=None, keep_every=None),
         recovery=dataclasses.replace(cfg.recovery, enabled=False),
     )
 

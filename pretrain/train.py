@@ -37,14 +37,14 @@ from pretrain.async_save import AsyncCheckpointSaver
 from pretrain.batches import TrainingData, build_training_data
 from pretrain.config import RunConfig
 from pretrain.candidate_report import plot_candidates
-from pretrain.merging import MERGED_DIR, build_merger, save_candidate_checkpoints, save_merged_checkpoint
+from pretrain.merging import CANDIDATES_DIR, MERGED_DIR, build_merger, save_candidate_checkpoints, save_merged_checkpoint
 from pretrain.metrics import MetricsLogger, read_metrics, roll_back
 from pretrain.pma_init import initialize_from
 from pretrain.recovery import LossSpikeRecovery
 from pretrain.model import build_model
 from pretrain.platform import Platform, collective_device, init_distributed
 from pretrain.resume import choose_start, refuse_overwrite, remove_interrupted_deletions
-from pretrain.retention import apply_retention
+from pretrain.retention import apply_candidate_retention, apply_retention
 from pretrain.stopping import StopConditions
 
 logger = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
     merger = build_merger(cfg, model)  # None unless merge.enabled
 
     if c.save and dist.get_rank() == 0:
-        for root in (Path(c.save), Path(c.save) / MERGED_DIR):
+        for root in (Path(c.save), Path(c.save) / MERGED_DIR, *(Path(c.save) / CANDIDATES_DIR).glob("*/")):
             remove_interrupted_deletions(root)
     start_point = choose_start(cfg)  # checkpoint.load, else auto-resume from checkpoint.save
     state = ckpt.TrainState()
@@ -377,6 +377,8 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
             record["merged_save_s"] = time.perf_counter() - began
         if merger is not None and cfg.merge.save_candidates:
             save_candidate_checkpoints(cfg, merger, model, state)
+            if dist.get_rank() == 0:
+                apply_candidate_retention(cfg)
         metrics.log(record)
         last_saved = state.iteration
 

@@ -21,7 +21,7 @@ CANDIDATES = {  # name -> (slug, method, alpha, iterations merged at ITERS)
 }
 RUN = ["merge.enabled=true", f"merge.interval={INTERVAL}", "merge.window=3", f"checkpoint.save_interval={INTERVAL}",
        f"train.train_iters={ITERS}", "train.eval_interval=4", f"scheduler.decay_iters={ITERS}",
-       f"merge.candidates=[{','.join(CANDIDATES)}]", "merge.save_candidates=true",
+       f"merge.candidates=[{','.join(CANDIDATES)}]", "merge.save_candidates=true", "merge.keep_last=2",
        "parallel.tensor_model_parallel_size=2"]
 
 
@@ -55,6 +55,9 @@ def test_candidates_are_logged_at_every_evaluation(run):
     assert "merge candidates  iteration" in run.output and "noise level" in run.output  # the summary's table
     assert "merge store: 4 snapshot(s) + 1 fp32 EMA accumulator(s)" in run.output  # stated at start-up
     assert (run.run_dir / "merge_candidates.png").stat().st_size > 10_000
+    for slug, *_ in CANDIDATES.values():  # merge.keep_last applies to each candidate's merges too
+        assert sorted(p.name for p in (run.run_dir / "merged_candidates" / slug).glob("iter_*")) == \
+               ["iter_0000006", "iter_0000008"]
 
 
 @pytest.mark.slow
