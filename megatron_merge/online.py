@@ -177,9 +177,13 @@ class PartitionMerger:
         return self.total_snapshots if self.spec.method == "ema" else min(len(self.iterations), self.spec.window)
 
     @property
+    def _reads_from_disk(self) -> bool:
+        return self.spec.storage == "disk" and self.spec.method != "ema"
+
+    @property
     def stored(self) -> int:
         """How many snapshots the store holds (the newest of :attr:`iterations`)."""
-        if self.spec.storage == "disk" and self.spec.method != "ema":
+        if self._reads_from_disk:
             return 0
         return min(len(self.iterations), self.spec.store_size)
 
@@ -298,7 +302,7 @@ class PartitionMerger:
         entries = {}
         if self.candidates is not None:
             entries.update(self.candidates.sharded_state_dict(is_loading, state.get("candidates")))
-        stored = _stored_in(state)
+        stored = 0 if self._reads_from_disk else _stored_in(state)
         for slot in self.owned:
             if self.spec.method == "ema" and state["total_snapshots"] > 0:
                 data = (torch.empty(slot.param.shape, dtype=torch.float32) if is_loading else slot.accumulator)
@@ -324,7 +328,7 @@ class PartitionMerger:
             return
         self.iterations = list(saved["iterations"])
         self.total_snapshots = int(saved["total_snapshots"])
-        stored = _stored_in(saved)
+        stored = 0 if self._reads_from_disk else _stored_in(saved)
         for slot in self.owned:
             if self.spec.method == "ema" and self.total_snapshots:
                 slot.accumulator = loaded[f"ema/{slot.name}"].to(self.state_device(slot.param))

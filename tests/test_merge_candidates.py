@@ -61,6 +61,15 @@ def test_candidates_are_logged_at_every_evaluation(run):
 
 
 @pytest.mark.slow
+def test_candidates_leave_training_unchanged(run, tmp_path):
+    """The raw weights are restored bit-exactly after the candidates' evaluations and saves."""
+    plain = run_pretrain(tmp_path / "plain", 2, [o for o in RUN if not o.startswith(("merge.candidates",
+                                                                                      "merge.save_candidates"))])
+    assert plain.losses == run.losses and plain.val_losses == run.val_losses
+    assert "val_loss_candidates" not in plain.metrics[-2]
+
+
+@pytest.mark.slow
 def test_resume_keeps_every_candidate_state(run, tmp_path):
     """Stop at 6 (mid-window, the EMAs three snapshots in), resume: the candidates at 8 equal the
     uninterrupted run's bit for bit."""
