@@ -146,3 +146,19 @@ def test_sweep_equals_evaluate_of_the_written_out_merge(run, tmp_path):
     evaluated = tmp_path / "evaluated.jsonl"
     _torchrun("-m", "pretrain.evaluate", "--checkpoints", merged, "--out", evaluated)
     assert json.loads(evaluated.read_text())["val_loss"] == best["val_loss"]
+
+
+@pytest.mark.slow
+def test_an_ema_primary_keeps_a_store_for_window_candidates(tmp_path):
+    """The primary merge is a running EMA (no window of its own): the store exists for the
+    candidates alone, is saved with the EMA accumulator, and survives a resume at 6."""
+    options = [o for o in RUN if not o.startswith("merge.candidates")] + ["merge.method=ema", "merge.ema_alpha=0.3",
+                                                                          "merge.candidates=[wma:3]"]
+    split = tmp_path / "ema"
+    run_pretrain(split, 2, [*options, "train.exit_interval=6"])
+    resumed = run_pretrain(split, 2, options)
+    assert "merge store: 3 snapshot(s) + 1 fp32 EMA accumulator(s)" in resumed.output
+    merged = split / "merged_candidates" / "wma_3" / f"iter_{ITERS:07d}"
+    assert_same_model(merged, offline_merge(split, tmp_path / "offline", "wma", [4, 6, 8]))
+    assert_same_model(split / "merged" / f"iter_{ITERS:07d}",
+                      offline_merge(split, tmp_path / "offline_ema", "ema", [2, 4, 6, 8], alpha=0.3))
