@@ -14,6 +14,12 @@ measured. From those runs it reports
     python bench/online_merge_bench.py --iters 60 --configs tiny-dense
     python bench/online_merge_bench.py --gpu --json out.json   # one GPU: train_bench's ~1.2B model
 
+With ``--candidates`` it instead measures merge candidates (``merge.candidates``) against the
+single merge on the tiny configs: the cost per evaluation (K merged evaluations instead of one),
+the snapshot cost and the store's memory:
+
+    python bench/online_merge_bench.py --candidates sma:3,sma:6,sma:10,wma:10,ema:0.2,sma:10/every2
+
 With ``--gpu`` one process trains train_bench's ~1.2B dense GPT (bf16, TE when installed) with
 storage host (pinned memory, asynchronous copy) and device, and saves no checkpoint (a merged save
 is then not measured). A snapshot's copies are queued on the compute stream, so part of its cost
@@ -111,6 +117,32 @@ def bench(config: str, iters: int, probe: int, tmp: Path, gpu: bool = False) -> 
     return figures
 
 
+def bench_candidates(config: str, iters: int, candidates: list[str], tmp: Path) -> dict:
+    """The single merge vs the same run with K candidates: evaluation cost, snapshot cost, store memory."""
+    common = [f"train.train_iters={iters}", f"train.eval_interval={max(1, iters // 4)}", "scheduler.warmup_iters=2",
+              "scheduler.wsd_decay_iters=4", "merge.enabled=true", "merge.interval=2", "merge.window=5",
+              "merge.start_iteration=0", "merge.save=false"]
+    variants = {"single merge": [], f"{len(candidates)} candidates": [f"merge.candidates=[{','.join(candidates)}]"]}
+    print(f"\n{config}: {iters} iterations, snapshot every 2, primary sma over 5, 2 processes (gloo); "
+          f"candidates {', '.join(candidates)}")
+    print(f"  {'variant':<14}{'raw eval (s)':>13}{'merged evals (s)':>18}{'per candidate (s)':>19}"
+          f"{'snapshot (ms)':>15}{'store MiB':>11}{'peak RSS MiB':>14}")
+    figures = {"config": config, "candidates": candidates}
+    for name, extra in variants.items():
+        rs = run(config, common + extra, tmp / f"{config}-{name.replace(' ', '-')}")
+        evals = [r for r in rs if "val_loss_merged" in r]
+        end = next(r for r in rs if r.get("event") == "end")
+        raw_eval = _median(r["eval_s"] for r in evals)
+        merged = _median(r["eval_merged_s"] + r.get("eval_candidates_s", 0.0) for r in evals)
+        count = _median(1 + len(r.get("val_loss_candidates", {})) for r in evals)
+        snapshot = _median(r["merge_snapshot_s"] for r in rs if "merge_snapshot_s" in r)
+        print(f"  {name:<14}{raw_eval:>13.2f}{merged:>18.2f}{merged / count:>19.3f}{snapshot * 1000:>15.2f}"
+              f"{end['merge_state_mib']:>11.2f}{end['peak_rss_mib']:>14.0f}")
+        figures[name] = {"raw_eval_s": raw_eval, "merged_evals_s": merged, "merges_per_eval": count,
+                         "snapshot_s": snapshot, "store_mib": end["merge_state_mib"], "peak_rss_mib": end["peak_rss_mib"]}
+    return figures
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=60)
@@ -119,7 +151,15 @@ if __name__ == "__main__":
     parser.add_argument("--gpu", action="store_true",
                         help="one GPU, train_bench's ~1.2B model, storage host and device")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--candidates", help="comma-separated merge.candidates: compare against the single merge")
     args = parser.parse_args()
+    if args.candidates:
+        with tempfile.TemporaryDirectory() as tmp:
+            figures = [bench_candidates(config, args.iters, args.candidates.split(","), Path(tmp))
+                       for config in args.configs or ["tiny-dense"]]
+        if args.json is not None:
+            args.json.write_text(json.dumps(figures))
+        raise SystemExit(0)
     configs = args.configs or ([GPU_CONFIG] if args.gpu else ["tiny-dense", "tiny-moe"])
     with tempfile.TemporaryDirectory() as tmp:
         figures = [bench(config, args.iters, args.probe_interval, Path(tmp), args.gpu) for config in configs]

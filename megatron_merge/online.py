@@ -54,6 +54,12 @@ class OnlineMergeSpec:
     ema_alpha: float = 0.2
     weights: tuple[float, ...] = ()
     storage: str = "host"
+    store: int = 0  # snapshots other merges (the run's merge candidates) need kept beyond the window
+
+    @property
+    def store_size(self) -> int:
+        """How many of the newest snapshots the store keeps (host/device storage)."""
+        return max(0 if self.method == "ema" else self.window, self.store)
 
     def weights_for(self, count: int) -> list[float]:
         """Weights of ``count`` snapshots (oldest first); one snapshot is taken as it is."""
@@ -98,6 +104,9 @@ class PartitionMerger:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self._pending_copy = None  # CUDA event of the newest asynchronous snapshot
         self.slots = _assign_owners(named_params, sharded_params, replica_group_of)
+        # Other merges served from this store (megatron_merge.candidates.CandidateMerges): their
+        # state is saved and restored with this merger's.
+        self.candidates = None
 
     # -- taking snapshots -------------------------------------------------------------------
 
@@ -112,12 +121,14 @@ class PartitionMerger:
         self.iterations.append(iteration)
         self.total_snapshots += 1
         if self.spec.method != "ema":
-            self.iterations = self.iterations[-self.spec.window:]
+            self.iterations = self.iterations[-self.spec.store_size:]
         if self.spec.storage == "disk" and self.spec.method != "ema":
             return True  # the checkpoint saved at this iteration is the snapshot
         with torch.no_grad():
             for slot in self.owned:
                 self._record(slot)
+        if self.candidates is not None:
+            self.candidates.after_snapshot()
         if torch.cuda.is_available():
             event = torch.cuda.Event()
             event.record()
@@ -128,27 +139,32 @@ class PartitionMerger:
         value = slot.param.detach()
         if self.spec.method == "ema":
             if slot.accumulator is None:
-                slot.accumulator = torch.empty(value.shape, dtype=torch.float32, device=self._device_for(value),
-                                               pin_memory=self._pin(value))
+                slot.accumulator = self.new_buffer(value, torch.float32)
             first = self.total_snapshots == 1
             ema_update(slot.accumulator, value.to(slot.accumulator.device, non_blocking=False),
                        self.spec.ema_alpha, first=first)
-            return
-        if len(slot.snapshots) == self.spec.window:  # reuse the oldest buffer
+            if self.spec.store_size == 0:
+                return
+        if len(slot.snapshots) == self.spec.store_size:  # reuse the oldest buffer
             buffer = slot.snapshots.pop(0)
         else:
-            buffer = torch.empty(value.shape, dtype=value.dtype, device=self._device_for(value),
-                                 pin_memory=self._pin(value))
+            buffer = self.new_buffer(value, value.dtype)
         buffer.copy_(value, non_blocking=buffer.is_pinned())  # ordered before later in-place updates
         slot.snapshots.append(buffer)
 
-    def _device_for(self, value: torch.Tensor) -> torch.device:
+    def new_buffer(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor shaped like ``like`` where this merger keeps its state."""
+        return torch.empty(like.shape, dtype=dtype, device=self.state_device(like), pin_memory=self._pin(like))
+
+    def state_device(self, value: torch.Tensor) -> torch.device:
+        """Where merge state for ``value`` lives (its device with storage device, else the CPU)."""
         return value.device if self.spec.storage == "device" else torch.device("cpu")
 
     def _pin(self, value: torch.Tensor) -> bool:
         return self.spec.storage == "host" and value.is_cuda
 
-    def _wait_for_copies(self) -> None:
+    def wait_for_copies(self) -> None:
+        """Wait until the newest asynchronous snapshot copy has landed."""
         if self._pending_copy is not None:
             self._pending_copy.synchronize()
             self._pending_copy = None
@@ -158,7 +174,23 @@ class PartitionMerger:
     @property
     def count(self) -> int:
         """How many snapshots the merged weights combine."""
-        return self.total_snapshots if self.spec.method == "ema" else len(self.iterations)
+        return self.total_snapshots if self.spec.method == "ema" else min(len(self.iterations), self.spec.window)
+
+    @property
+    def _reads_from_disk(self) -> bool:
+        return self.spec.storage == "disk" and self.spec.method != "ema"
+
+    @property
+    def stored(self) -> int:
+        """How many snapshots the store holds (the newest of :attr:`iterations`)."""
+        if self._reads_from_disk:
+            return 0
+        return min(len(self.iterations), self.spec.store_size)
+
+    @property
+    def merged_iterations(self) -> list[int]:
+        """The snapshot iterations the merged weights combine, oldest first."""
+        return list(self.iterations[-self.count:]) if self.count else []
 
     def weights(self) -> list[float]:
         return self.spec.weights_for(self.count)
@@ -167,21 +199,27 @@ class PartitionMerger:
         """Merged values of the parameters this rank owns (in the parameters' dtype, on CPU or device)."""
         if self.count == 0:
             raise RuntimeError("no snapshot taken yet: nothing to merge")
-        self._wait_for_copies()
+        self.wait_for_copies()
         if self.spec.method == "ema":
             return {s.name: s.accumulator.to(s.param.dtype) for s in self.owned}
         if self.spec.storage == "disk":
             return self._merge_from_disk()
-        weights = self.weights()
+        return self.merge_stored(range(self.stored - self.count, self.stored), self.weights())
+
+    def merge_stored(self, positions: Sequence[int], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+        """Merge stored snapshots (``positions`` in the store, oldest first) of the owned parameters."""
+        self.wait_for_copies()
+        positions = list(positions)
         merged = {}
         for slot in self.owned:
-            parts = lambda i, slot=slot: [PiecePart(_whole(slot.param), slot.snapshots[i], f"snapshot of {slot.name}")]
-            merged[slot.name] = merge_piece(slot.param.shape, slot.param.dtype, weights, parts,
+            parts = lambda i, slot=slot: [PiecePart(_whole(slot.param), slot.snapshots[positions[i]],
+                                                    f"snapshot of {slot.name}")]
+            merged[slot.name] = merge_piece(slot.param.shape, slot.param.dtype, list(weights), parts,
                                             describe_piece=slot.name)
         return merged
 
     def _merge_from_disk(self) -> dict[str, torch.Tensor]:
-        directories = [Path(self.run_dir) / f"iter_{it:07d}" for it in self.iterations]
+        directories = [Path(self.run_dir) / f"iter_{it:07d}" for it in self.merged_iterations]
         return self.merge_checkpoints(directories, self.weights())
 
     def merge_checkpoints(self, directories: Sequence[Path], weights: Sequence[float],
@@ -226,11 +264,18 @@ class PartitionMerger:
     def merged_weights_in_model(self) -> Iterator[None]:
         """Swap the merged weights into the model (no grad) and restore the raw ones bit-exactly."""
         merged = self.merged_owned()
+        with self.raw_weights_kept():
+            self.install(merged)
+            del merged
+            yield
+
+    @contextlib.contextmanager
+    def raw_weights_kept(self) -> Iterator[None]:
+        """Keep a copy of the raw parameters; restore them bit-exactly on exit (merges may be
+        installed any number of times in between)."""
         with torch.no_grad():
             backup = [s.param.detach().clone() for s in self.slots]
             try:
-                self.install(merged)
-                del merged
                 yield
             finally:
                 for slot, raw in zip(self.slots, backup):
@@ -239,9 +284,12 @@ class PartitionMerger:
     # -- checkpointing ----------------------------------------------------------------------
 
     def common_state(self) -> dict:
-        return {"method": self.spec.method, "iterations": list(self.iterations),
-                "total_snapshots": self.total_snapshots, "storage": self.spec.storage,
-                "ema_alpha": self.spec.ema_alpha, "interval": self.spec.interval}
+        state = {"method": self.spec.method, "iterations": list(self.iterations),
+                 "total_snapshots": self.total_snapshots, "storage": self.spec.storage,
+                 "ema_alpha": self.spec.ema_alpha, "interval": self.spec.interval, "stored": self.stored}
+        if self.candidates is not None:
+            state["candidates"] = self.candidates.common_state()
+        return state
 
     def sharded_state_dict(self, is_loading: bool = False, saved: Optional[dict] = None) -> dict:
         """``merge_state.*`` entries sharded like the parameters; only owners take part.
@@ -249,47 +297,58 @@ class PartitionMerger:
         On load, ``saved`` is the checkpoint's :meth:`common_state` (how many snapshots it holds).
         """
         state = saved if is_loading else self.common_state()
-        if state is None or (self.spec.storage == "disk" and self.spec.method != "ema"):
+        if state is None:
             return {}
         entries = {}
+        if self.candidates is not None:
+            entries.update(self.candidates.sharded_state_dict(is_loading, state.get("candidates")))
+        stored = 0 if self._reads_from_disk else _stored_in(state)
         for slot in self.owned:
-            if self.spec.method == "ema":
-                if state["total_snapshots"] == 0:
-                    continue
+            if self.spec.method == "ema" and state["total_snapshots"] > 0:
                 data = (torch.empty(slot.param.shape, dtype=torch.float32) if is_loading else slot.accumulator)
                 key = f"{STATE_PREFIX}.ema.{slot.sharded.key}"
                 entries[f"ema/{slot.name}"] = _retarget(slot.sharded, key, data, owner=True)
-                continue
-            for j in range(len(state["iterations"])):
+            for j in range(stored):
                 data = (torch.empty(slot.param.shape, dtype=slot.param.dtype) if is_loading else slot.snapshots[j])
                 key = f"{STATE_PREFIX}.snapshot{j}.{slot.sharded.key}"
                 entries[f"snapshot{j}/{slot.name}"] = _retarget(slot.sharded, key, data, owner=True)
         return entries
 
+    def state_entry(self, slot: _Slot, key: str, data: torch.Tensor):
+        """A sharded entry for merge state of ``slot`` under ``key``, this rank its main replica."""
+        return _retarget(slot.sharded, key, data, owner=True)
+
     def load_state(self, saved: dict, loaded: dict) -> None:
         """Restore from a checkpoint's common state and the loaded ``merge_state`` entries."""
+        if self.candidates is not None:
+            self.candidates.load_state(saved.get("candidates"), loaded)
         if saved.get("method") != self.spec.method:
             logger.warning("checkpoint merge state is for method %r, this run merges with %r: starting afresh",
                            saved.get("method"), self.spec.method)
             return
         self.iterations = list(saved["iterations"])
         self.total_snapshots = int(saved["total_snapshots"])
+        stored = 0 if self._reads_from_disk else _stored_in(saved)
         for slot in self.owned:
-            if self.spec.method == "ema":
-                if self.total_snapshots:
-                    slot.accumulator = loaded[f"ema/{slot.name}"].to(self._device_for(slot.param))
-            elif not (self.spec.storage == "disk"):
-                slot.snapshots = [loaded[f"snapshot{j}/{slot.name}"].to(self._device_for(slot.param))
-                                  for j in range(len(self.iterations))]
-        if self.spec.method != "ema" and len(self.iterations) > self.spec.window:
-            self.iterations = self.iterations[-self.spec.window:]
-            for slot in self.owned:
-                slot.snapshots = slot.snapshots[-self.spec.window:]
+            if self.spec.method == "ema" and self.total_snapshots:
+                slot.accumulator = loaded[f"ema/{slot.name}"].to(self.state_device(slot.param))
+            slot.snapshots = [loaded[f"snapshot{j}/{slot.name}"].to(self.state_device(slot.param))
+                              for j in range(stored)][-self.spec.store_size:] if self.spec.store_size else []
+        if self.spec.method != "ema" and len(self.iterations) > self.spec.store_size:
+            self.iterations = self.iterations[-self.spec.store_size:]
+        if self.spec.storage != "disk" and self.spec.method != "ema" and stored < len(self.iterations):
+            self.iterations = self.iterations[-stored:] if stored else []  # only what the checkpoint held
 
     def describe(self) -> dict:
         """What the merged weights are: for metrics and merge.json."""
-        span = [self.iterations[0], self.iterations[-1]] if self.iterations else None
+        merged = self.merged_iterations
+        span = [merged[0], merged[-1]] if merged else None
         return {"merge_method": self.spec.method, "merge_n": self.count, "merge_span": span}
+
+    def store_bytes(self, snapshots: int, fp32_accumulators: int) -> int:
+        """Bytes this rank needs for ``snapshots`` stored snapshots and ``fp32_accumulators`` EMAs."""
+        return sum(s.param.numel() * (snapshots * s.param.element_size() + 4 * fp32_accumulators)
+                   for s in self.owned)
 
     def memory_bytes(self) -> int:
         """Bytes this rank holds for merging right now."""
@@ -298,6 +357,8 @@ class PartitionMerger:
             total += sum(t.numel() * t.element_size() for t in slot.snapshots)
             if slot.accumulator is not None:
                 total += slot.accumulator.numel() * slot.accumulator.element_size()
+        if self.candidates is not None:
+            total += self.candidates.memory_bytes()
         return total
 
 
@@ -348,6 +409,14 @@ def _retarget(sharded, key: str, data: torch.Tensor, owner: bool):
     else:
         replica = 0 if owner else 1
     return dataclasses.replace(sharded, key=key, data=data, replica_id=replica)
+
+
+def _stored_in(state: dict) -> int:
+    """Snapshots a merge state holds (checkpoints before the store was counted: the window's)."""
+    if "stored" in state:
+        return int(state["stored"])
+    disk = state.get("storage") == "disk"
+    return 0 if state["method"] == "ema" or disk else len(state["iterations"])
 
 
 def _whole(t: torch.Tensor) -> tuple:

@@ -416,7 +416,7 @@ def recover_interrupted_saves(root: str | Path) -> list[str]:
     """
     root = Path(root)
     actions = []
-    for base in (root, root / "merged"):
+    for base in (root, root / "merged", *sorted((root / "merged_candidates").glob("*/"))):
         if not base.is_dir():
             continue
         for old in sorted(base.glob("iter_*.old")):

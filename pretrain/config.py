@@ -310,8 +310,17 @@ class MergeConfig:
     storage: Literal["host", "device", "disk"] = doc(
         "host", "Where snapshots live: host (pinned CPU) | device (GPU) | disk (the saved checkpoints)."
     )
-    keep_last: Optional[int] = doc(None, "Retention of <save>/merged/: keep the newest K merged checkpoints.")
-    keep_every: Optional[int] = doc(None, "Retention of <save>/merged/: also keep iterations divisible by M.")
+    keep_last: Optional[int] = doc(None, "Retention of <save>/merged/ (and merged_candidates/*/): keep the newest K "
+                                         "merged checkpoints.")
+    keep_every: Optional[int] = doc(None, "Retention of <save>/merged/ (and merged_candidates/*/): also keep "
+                                          "iterations divisible by M.")
+    # Merge candidates (megatron_merge/candidates.py): many merges evaluated beside the primary one.
+    candidates: list = doc([], "Merges evaluated at every evaluation beside the primary one, e.g. [sma:3, wma:10, "
+                               "ema:0.2, sma:10/every2]: METHOD:N[/everyK] or ema:ALPHA[/everyK], K in merge intervals.")
+    max_store_mib: Optional[float] = doc(None, "Refuse the run when the merge store (snapshots and EMA accumulators "
+                                               "of the primary merge and the candidates) exceeds this on a rank.")
+    save_candidates: bool = doc(False, "Also write each candidate's merge to <save>/merged_candidates/<name>/iter_N at "
+                                       "each save.")
 
 
 @dataclass
@@ -605,8 +614,9 @@ def validation_errors(cfg: RunConfig, world_size: Optional[int] = None,
         _validate_sizes(cfg)
         if errors:  # the checks below divide by these sizes
             return errors
-        for section in (_validate_shape, _validate_moe, _validate_merge, _validate_init_and_recovery,
-                        _validate_stopping_and_retention, _validate_optimizer, _validate_schedule, _validate_data):
+        for section in (_validate_shape, _validate_moe, _validate_merge, _validate_candidates,
+                        _validate_init_and_recovery, _validate_stopping_and_retention, _validate_optimizer,
+                        _validate_schedule, _validate_data):
             _run_section(errors, lambda: section(cfg))
         _run_section(errors, lambda: _validate_platform(cfg, cuda))
         if world_size is not None:
@@ -855,6 +865,29 @@ def _validate_merge(cfg: RunConfig) -> None:
         _require(interval % c.save_interval == 0,
                  f"merge.storage: disk needs the merge interval ({interval} iterations) to be a multiple of "
                  f"checkpoint.save_interval={c.save_interval}")
+
+
+def _validate_candidates(cfg: RunConfig) -> None:
+    """merge.candidates, merge.max_store_mib, merge.save_candidates."""
+    from megatron_merge.candidates import parse_candidates
+
+    m = cfg.merge
+    _require(m.max_store_mib is None or (_is_number(m.max_store_mib) and m.max_store_mib > 0),
+             f"merge.max_store_mib: {m.max_store_mib!r} must be a positive number of MiB (or null: no budget)")
+    if not m.candidates:
+        _require(not (m.enabled and m.save_candidates), "merge.save_candidates needs merge.candidates")
+        return
+    _require(isinstance(m.candidates, list),
+             f"merge.candidates: {m.candidates!r} must be a list of strings, e.g. [sma:3, ema:0.2]")
+    try:
+        parse_candidates(m.candidates)
+    except ValueError as err:
+        raise ConfigError(f"merge.candidates{err}") from None
+    if not m.enabled:  # like the rest of the merge section: off means off (the strings are checked still)
+        return
+    _require(m.storage != "disk", "merge.candidates need the snapshots in memory: use merge.storage: host or device")
+    _require(not m.save_candidates or cfg.checkpoint.save is not None,
+             "merge.save_candidates needs checkpoint.save (candidate merges go to <save>/merged_candidates)")
 
 
 def _validate_stopping_and_retention(cfg: RunConfig) -> None:

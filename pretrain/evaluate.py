@@ -11,6 +11,9 @@ equals the ``val_loss`` the training run logged at that iteration. One JSON line
 ``{"checkpoint", "iteration", "val_loss", "load_s", "eval_s"}`` (plus ``merge_method`` and
 ``merged_iterations`` when a ``merge.json`` describes it), on stdout and in ``--out``.
 
+``--sweep RUN_DIR`` evaluates a grid of merges of a run's checkpoints instead, merged per rank in
+memory (see :mod:`pretrain.sweep`).
+
 ``--config`` defaults to the ``run_config.yaml`` saved in the first checkpoint; overrides come
 before ``--checkpoints``. Settings that only matter to training (resuming, PMA-init, in-training
 merging, recovery) are switched off. Keep ``train.eval_iters``, ``train.seq_length``,
@@ -64,13 +67,13 @@ def evaluation_config(config: Optional[str], overrides: list[str], first_checkpo
     return dataclasses.replace(
         cfg,
         checkpoint=dataclasses.replace(cfg.checkpoint, load=None, init_from=None, init_merge_method=None,
-                                       save=None, save_interval=None),
-        merge=dataclasses.replace(cfg.merge, enabled=False),
+                                       save=None, save_interval=None, keep_last=None, keep_every=None),
+        merge=dataclasses.replace(cfg.merge, enabled=False, keep_last=None, keep_every=None),
         recovery=dataclasses.replace(cfg.recovery, enabled=False),
     )
 
 
-class _NoOptimizer:
+class NoOptimizer:
     """Stands in for the optimizer when only weights are loaded: no fp32 main copy to refresh."""
 
     def reload_model_params(self) -> None:
@@ -109,7 +112,7 @@ def evaluate_checkpoints(cfg: RunConfig, checkpoints: list[Path], out: Optional[
         for index, path in enumerate(checkpoints, start=1):
             began = time.perf_counter()
             directory, _ = ckpt.resolve_checkpoint(path)
-            state = ckpt.load_checkpoint(cfg, model, _NoOptimizer(), None, directory,
+            state = ckpt.load_checkpoint(cfg, model, NoOptimizer(), None, directory,
                                          load_optimizer=False, load_rng=False)
             loaded = time.perf_counter()
             val_loss = train.evaluate(model, valid_batches, cfg)
@@ -133,6 +136,11 @@ def evaluate_checkpoints(cfg: RunConfig, checkpoints: list[Path], out: Optional[
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--sweep" in argv:  # a grid of merges of one run directory: pretrain/sweep.py
+        from pretrain.sweep import main as sweep_main
+
+        return sweep_main(argv)
     args = parse_args(argv)
     from pretrain.__main__ import _configure_logging
 

@@ -13,16 +13,20 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_merge.candidates import CandidateMerges, parse_candidates, store_needed
 from megatron_merge.online import OnlineMergeSpec, PartitionMerger, map_sharded_params
 from megatron_merge.record import MERGE_RECORD_FILE, record_header
 from pretrain import checkpoint as ckpt
-from pretrain.config import RunConfig, merge_interval_iterations
+from pretrain.config import ConfigError, RunConfig, merge_interval_iterations
 
 logger = logging.getLogger(__name__)
 
 MERGED_DIR = "merged"
+CANDIDATES_DIR = "merged_candidates"
 
 
 def merge_spec(cfg: RunConfig) -> OnlineMergeSpec:
@@ -35,6 +39,7 @@ def merge_spec(cfg: RunConfig) -> OnlineMergeSpec:
         ema_alpha=m.ema_alpha,
         weights=tuple(float(w) for w in m.weights),
         storage=m.storage,
+        store=store_needed(parse_candidates(m.candidates)),
     )
 
 
@@ -62,8 +67,8 @@ def partition_merger(spec: OnlineMergeSpec, model_chunks, run_dir: Optional[str]
 def install_merged_checkpoints(model_chunks, optimizer, directories, method: str, alpha: float = 0.2) -> list[float]:
     """Put the merge of saved checkpoints (oldest first) into the model, each rank its own part.
 
-    The optimizer's main (fp32) parameters are reloaded from the new model weights. Returns
-    the weights used. One checkpoint is loaded as it is.
+    The optimizer's main (fp32) parameters, if there is an optimizer, are reloaded from the new
+    model weights. Returns the weights used. One checkpoint is loaded as it is.
     """
     spec = OnlineMergeSpec(method=method, window=max(2, len(directories)), interval=1, ema_alpha=alpha,
                            storage="disk")
@@ -72,7 +77,8 @@ def install_merged_checkpoints(model_chunks, optimizer, directories, method: str
     merged = merger.merge_checkpoints(directories, weights, ema_alpha=alpha if method == "ema" and len(directories) > 1
                                       else None)
     merger.install(merged)
-    optimizer.reload_model_params()
+    if optimizer is not None:
+        optimizer.reload_model_params()
     return weights
 
 
@@ -91,16 +97,55 @@ def build_merger(cfg: RunConfig, model_chunks) -> Optional[PartitionMerger]:
     merger = partition_merger(merge_spec(cfg), model_chunks, run_dir=cfg.checkpoint.save)
     logger.info("in-training merging: %s over %d snapshots every %d iterations (storage %s)",
                 cfg.merge.method, cfg.merge.window, merger.spec.interval, cfg.merge.storage)
+    candidates = parse_candidates(cfg.merge.candidates)
+    if candidates:
+        merger.candidates = CandidateMerges(merger, candidates)
+        logger.info("merge candidates: %s", ", ".join(c.name for c in candidates))
+    _check_store_budget(cfg, merger)
     return merger
+
+
+def store_mib(merger: PartitionMerger) -> float:
+    """MiB the merge store takes on this rank once full: the snapshots (primary window and
+    candidates), the primary EMA accumulator and each EMA candidate's."""
+    spec = merger.spec
+    snapshots = 0 if spec.storage == "disk" and spec.method != "ema" else spec.store_size
+    accumulators = int(spec.method == "ema")
+    if merger.candidates is not None:
+        accumulators += merger.candidates.accumulator_count()
+    return merger.store_bytes(snapshots, accumulators) / 2**20
+
+
+def _check_store_budget(cfg: RunConfig, merger: PartitionMerger) -> None:
+    """State the store's memory (the largest over ranks) and refuse it beyond merge.max_store_mib (collective)."""
+    from pretrain.platform import collective_device
+
+    largest = torch.tensor([store_mib(merger)], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    mib, spec = float(largest), merger.spec
+    logger.info("merge store: %d snapshot(s) + %d fp32 EMA accumulator(s) = %.2f MiB on the busiest rank (%s)",
+                spec.store_size if spec.storage != "disk" else 0,
+                int(spec.method == "ema") + (merger.candidates.accumulator_count() if merger.candidates else 0),
+                mib, spec.storage)
+    budget = cfg.merge.max_store_mib
+    if budget is not None and mib > budget:
+        raise ConfigError(f"merge.max_store_mib: the merge store needs {mib:.2f} MiB on a rank, over the budget of "
+                          f"{budget:g} MiB; shrink merge.window or the largest merge.candidates window "
+                          f"(N x every), drop EMA candidates, or raise merge.max_store_mib")
+
+
+def snapshot_inputs(cfg: RunConfig, iterations, weights) -> list[dict]:
+    """``merge.json`` inputs of an in-training merge: the checkpoint saved at each snapshot
+    iteration (None when none was), its iteration and weight."""
+    run = Path(cfg.checkpoint.save)
+    return [{"path": str(ckpt.iteration_dir(run, it).resolve()) if ckpt.iteration_dir(run, it).exists() else None,
+             "iteration": it, "weight": w} for it, w in zip(iterations, weights)]
 
 
 def merge_record(cfg: RunConfig, merger: PartitionMerger, out: Path) -> dict:
     """The ``merge.json`` of an in-training merged checkpoint (the offline tool's fields)."""
-    run = Path(cfg.checkpoint.save)
     weights = merger.weights()
-    inputs = [{"path": str((run / f"iter_{it:07d}").resolve()) if (run / f"iter_{it:07d}").exists() else None,
-               "iteration": it, "weight": w}
-              for it, w in zip(merger.iterations[-len(weights):], weights)]
+    inputs = snapshot_inputs(cfg, merger.iterations[-len(weights):], weights)
     return {
         **record_header(tool="pretrain (in-training merge)", out=out, format="torch_dist",
                         method=merger.spec.method,
@@ -128,3 +173,24 @@ def save_merged_checkpoint(cfg: RunConfig, merger: PartitionMerger, model_chunks
         sd["merge"] = merger.describe()
         record = json.dumps(merge_record(cfg, merger, final), indent=2) + "\n"
         return ckpt.write_checkpoint(sd, root, state.iteration, cfg, extra_files={MERGE_RECORD_FILE: record})
+
+
+def save_candidate_checkpoints(cfg: RunConfig, merger: PartitionMerger, model_chunks, state) -> list[Path]:
+    """Write each ready candidate's merge as ``<save>/merged_candidates/<name>/iter_N`` (collective)."""
+    candidates = merger.candidates
+    written = []
+    with merger.raw_weights_kept():
+        for c in candidates.ready():
+            iterations, weights = candidates.plan(c)
+            root = Path(cfg.checkpoint.save) / CANDIDATES_DIR / c.slug
+            final = ckpt.iteration_dir(root, state.iteration)
+            merger.install(candidates.merged_owned(c))
+            sd = ckpt.model_sharded_state_dict(model_chunks)
+            sd.update(ckpt.common_entries(cfg, state))
+            inputs = snapshot_inputs(cfg, iterations, weights)
+            record = {**record_header(tool="pretrain (merge candidate)", out=final, format="torch_dist",
+                                      method=c.method, alpha=c.alpha, weights=weights, inputs=inputs),
+                      "candidate": c.name, "snapshots": len(iterations), "model_only": True}
+            written.append(ckpt.write_checkpoint(sd, root, state.iteration, cfg,
+                                                 extra_files={MERGE_RECORD_FILE: json.dumps(record, indent=2) + "\n"}))
+    return written

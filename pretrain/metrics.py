@@ -16,6 +16,8 @@ def _jsonable(value):
     # JSON has no NaN/Inf; write them as strings so a diverged run stays parseable.
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
     return value
 
 
@@ -41,8 +43,8 @@ class MetricsLogger:
             self._file.write(json.dumps(line) + "\n")
         if self._tb is not None:
             step = record["iteration"]
-            for key, value in record.items():
-                if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            for key, value in _scalars(record):
+                if key != "iteration":
                     self._tb.add_scalar(key, value, step)
         if stdout is not None:
             print(stdout, flush=True)
@@ -54,6 +56,15 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _scalars(record: dict, prefix: str = ""):
+    """(key, number) pairs of a record, nested dicts as ``outer/inner`` (e.g. the merge candidates)."""
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{key}", value
 
 
 def _tensorboard_writer(directory: str):

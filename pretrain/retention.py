@@ -1,5 +1,5 @@
 """Which saved checkpoints to delete: ``keep_last`` / ``keep_every`` for ``<save>/iter_*`` and
-``<save>/merged/iter_*``.
+``<save>/merged/iter_*`` (and ``<save>/merged_candidates/<name>/iter_*``, as merged/).
 
 A checkpoint is kept when it is one of the newest ``keep_last``, when its iteration is a
 multiple of ``keep_every``, when it is the newest complete one, or when something still needs
@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 
 from megatron_merge.selection import saved_iterations as saved_checkpoints
 from pretrain.config import RunConfig
-from pretrain.merging import MERGED_DIR
+from pretrain.merging import CANDIDATES_DIR, MERGED_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +82,12 @@ def apply_retention(cfg: RunConfig, merger, iteration: int) -> None:
         prune(root, c.keep_last, c.keep_every, still_needed(cfg, merger, iteration, saved_iterations(root)))
     if m.keep_last is not None or m.keep_every is not None:
         prune(root / MERGED_DIR, m.keep_last, m.keep_every)
+
+
+def apply_candidate_retention(cfg: RunConfig) -> None:
+    """Rank 0, after the candidates' merges of a save were written: ``merge.keep_*`` for each
+    ``<save>/merged_candidates/<name>/``."""
+    m = cfg.merge
+    if m.keep_last is not None or m.keep_every is not None:
+        for candidate in sorted((Path(cfg.checkpoint.save) / CANDIDATES_DIR).glob("*/")):
+            prune(candidate, m.keep_last, m.keep_every)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pretrain.candidate_report import candidate_table
 from pretrain.config import RunConfig
 
 
@@ -25,6 +26,7 @@ def print_summary(cfg: RunConfig, summary) -> None:
                 line += (f"  {r['val_loss_merged']:.4f} ({delta:+.4f})          "
                          f"{r['merge_method']} n={r['merge_n']}, iterations {r['merge_span'][0]}-{r['merge_span'][1]}")
             lines.append(line)
+        lines += candidate_table(summary.evaluations)
     if getattr(summary, "stopped", None):
         lines.append(f"  stopped early     {summary.stopped} (the checkpoint below continues it)")
     if summary.checkpoint:

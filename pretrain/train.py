@@ -36,15 +36,16 @@ from pretrain import moe_metrics
 from pretrain.async_save import AsyncCheckpointSaver
 from pretrain.banner import parameter_counts, startup_banner
 from pretrain.batches import TrainingData, build_training_data
+from pretrain.candidate_report import plot_candidates
 from pretrain.config import RunConfig, schedule_lengths
-from pretrain.merging import build_merger, save_merged_checkpoint
-from pretrain.metrics import MetricsLogger, roll_back
+from pretrain.merging import build_merger, save_candidate_checkpoints, save_merged_checkpoint
+from pretrain.metrics import MetricsLogger, read_metrics, roll_back
 from pretrain.pma_init import initialize_from
 from pretrain.recovery import LossSpikeRecovery
 from pretrain.model import build_model
 from pretrain.platform import Platform, collective_device, init_distributed
 from pretrain.resume import choose_start, refuse_overwrite
-from pretrain.retention import apply_retention
+from pretrain.retention import apply_candidate_retention, apply_retention
 from pretrain.stopping import StopConditions
 
 logger = logging.getLogger(__name__)
@@ -345,14 +346,23 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
                 record["val_loss_merged"] = evaluate(model, valid_batches, cfg)
             record["eval_merged_s"] = time.perf_counter() - began
             record.update(merger.describe())
+        if merger is not None and merger.candidates is not None:  # merge.candidates, each merged in turn
+            record.update(merger.candidates.evaluate(lambda: evaluate(model, valid_batches, cfg)))
         if logging_rank:
             line = f"iter {state.iteration:6d} | validation loss {record['val_loss']:.4f}"
             if "val_loss_merged" in record:
                 line += (f" | merged ({record['merge_method']}, n={record['merge_n']}, "
                          f"iterations {record['merge_span'][0]}-{record['merge_span'][1]}) "
                          f"{record['val_loss_merged']:.4f}")
+            candidates = {k: v for k, v in (record.get("val_loss_candidates") or {}).items() if v is not None}
+            if candidates:
+                best = min(candidates, key=candidates.get)
+                line += f" | best of {len(candidates)} candidates: {best} {candidates[best]:.4f}"
             metrics.log(record, stdout=line)
             summary.evaluations.append(record)
+            if c.save and record.get("val_loss_candidates"):  # every evaluation of the run, resumed ones too
+                plot_candidates([r for r in read_metrics(_metrics_path(cfg)) if "val_loss" in r],
+                                Path(c.save) / "merge_candidates.png", tokens_per_step)
 
     saver = AsyncCheckpointSaver() if c.async_save else None
 
@@ -373,6 +383,10 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
             began = time.perf_counter()
             summary.merged_checkpoint = str(save_merged_checkpoint(cfg, merger, model, state))
             record["merged_save_s"] = time.perf_counter() - began
+        if merger is not None and cfg.merge.save_candidates:
+            save_candidate_checkpoints(cfg, merger, model, state)
+            if dist.get_rank() == 0:
+                apply_candidate_retention(cfg)
         metrics.log(record)
         last_saved = state.iteration
 
