@@ -90,9 +90,8 @@ def _merge_description(directory: Path) -> dict:
     return {"merge_method": record.get("method"), "merged_iterations": input_iterations(record)}
 
 
-def evaluate_checkpoints(cfg: RunConfig, checkpoints: list[Path], out: Optional[Path] = None) -> list[dict]:
-    """Build the model once, then load and evaluate each checkpoint; returns the records (logging rank)."""
-    from pretrain import checkpoint as ckpt
+def evaluation_model(cfg: RunConfig) -> tuple[list, list]:
+    """Process groups, the model (built once, no optimizer) and training's fixed validation batches."""
     from pretrain import train
     from pretrain.batches import build_training_data
     from pretrain.model import build_model
@@ -104,7 +103,15 @@ def evaluate_checkpoints(cfg: RunConfig, checkpoints: list[Path], out: Optional[
     valid_batches = data.valid_batches()
     if not valid_batches:
         raise ConfigError(f"data.split: {cfg.data.split!r} has no validation share: nothing to evaluate on")
-    model = build_model(cfg, platform, data.vocab_size)
+    return build_model(cfg, platform, data.vocab_size), valid_batches
+
+
+def evaluate_checkpoints(cfg: RunConfig, checkpoints: list[Path], out: Optional[Path] = None) -> list[dict]:
+    """Build the model once, then load and evaluate each checkpoint; returns the records (logging rank)."""
+    from pretrain import checkpoint as ckpt
+    from pretrain import train
+
+    model, valid_batches = evaluation_model(cfg)
     logging_rank = train.is_logging_rank()
     records = []
     sink = open(out, "w") if (out is not None and logging_rank) else None

@@ -128,21 +128,10 @@ def run_sweep(cfg, run_dir: Path, points: Sequence[SweepPoint], ends: Sequence[i
     """Evaluate the raw checkpoint at each end and every grid point that fits; ``emit`` gets each record."""
     from pretrain import checkpoint as ckpt
     from pretrain import train
-    from pretrain.batches import build_training_data
-    from pretrain.evaluate import NoOptimizer
+    from pretrain.evaluate import NoOptimizer, evaluation_model
     from pretrain.merging import install_merged_checkpoints
-    from pretrain.model import build_model
-    from pretrain.platform import init_distributed
 
-    platform = init_distributed(cfg)
-    train.set_seeds(cfg.train.seed)
-    data = build_training_data(cfg, platform)
-    valid_batches = data.valid_batches()
-    if not valid_batches:
-        from pretrain.config import ConfigError
-
-        raise ConfigError(f"data.split: {cfg.data.split!r} has no validation share: nothing to evaluate on")
-    model = build_model(cfg, platform, data.vocab_size)
+    model, valid_batches = evaluation_model(cfg)
     records = []
     for end in ends:
         began = time.perf_counter()
