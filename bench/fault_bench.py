@@ -148,7 +148,7 @@ def bench(fmt: str, iters: int, kills: int, seed: int, tmp: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=10)
-    parser.add_argument("--iters", type=int, default=24)
+    parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--formats", nargs="+", default=["torch_dist", "torch"], choices=["torch_dist", "torch"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON line per format only")
