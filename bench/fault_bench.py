@@ -46,7 +46,9 @@ def command(run_dir: Path, fmt: str, iters: int) -> list[str]:
 def kill_tree(launcher: subprocess.Popen) -> None:
     """SIGKILL the launcher and its workers (torchrun starts each in its own session)."""
     try:
-        processes = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+        root = psutil.Process(launcher.pid)
+        root.suspend()  # no worker can be started between listing the children and killing them
+        processes = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return
     for process in processes:
