@@ -74,20 +74,20 @@ def still_needed(cfg: RunConfig, merger, iteration: int, saved: Iterable[int]) -
 
 
 def apply_retention(cfg: RunConfig, merger, iteration: int) -> None:
-    """Rank 0, right after the checkpoint of ``iteration`` was published: apply
-    ``checkpoint.keep_*`` to ``<save>/iter_*`` and ``merge.keep_*`` to ``<save>/merged/iter_*``."""
-    c, m = cfg.checkpoint, cfg.merge
+    """Rank 0, right after the checkpoint of ``iteration`` was published: ``checkpoint.keep_*``
+    for ``<save>/iter_*``."""
+    c = cfg.checkpoint
     root = Path(c.save)
     if c.keep_last is not None or c.keep_every is not None:
         prune(root, c.keep_last, c.keep_every, still_needed(cfg, merger, iteration, saved_iterations(root)))
-    if m.keep_last is not None or m.keep_every is not None:
-        prune(root / MERGED_DIR, m.keep_last, m.keep_every)
 
 
-def apply_candidate_retention(cfg: RunConfig) -> None:
-    """Rank 0, after the candidates' merges of a save were written: ``merge.keep_*`` for each
-    ``<save>/merged_candidates/<name>/``."""
+def apply_merged_retention(cfg: RunConfig) -> None:
+    """Rank 0, after a save's merged checkpoints were written: ``merge.keep_*`` for
+    ``<save>/merged/`` and each ``<save>/merged_candidates/<name>/``."""
     m = cfg.merge
-    if m.keep_last is not None or m.keep_every is not None:
-        for candidate in sorted((Path(cfg.checkpoint.save) / CANDIDATES_DIR).glob("*/")):
-            prune(candidate, m.keep_last, m.keep_every)
+    if m.keep_last is None and m.keep_every is None:
+        return
+    save = Path(cfg.checkpoint.save)
+    for root in (save / MERGED_DIR, *sorted((save / CANDIDATES_DIR).glob("*/"))):
+        prune(root, m.keep_last, m.keep_every)

@@ -45,7 +45,7 @@ from pretrain.recovery import LossSpikeRecovery
 from pretrain.model import build_model
 from pretrain.platform import Platform, collective_device, init_distributed
 from pretrain.resume import choose_start, refuse_overwrite
-from pretrain.retention import apply_candidate_retention, apply_retention
+from pretrain.retention import apply_merged_retention, apply_retention
 from pretrain.stopping import StopConditions
 
 logger = logging.getLogger(__name__)
@@ -385,8 +385,8 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
             record["merged_save_s"] = time.perf_counter() - began
         if merger is not None and cfg.merge.save_candidates:
             save_candidate_checkpoints(cfg, merger, model, state)
-            if dist.get_rank() == 0:
-                apply_candidate_retention(cfg)
+        if dist.get_rank() == 0:  # after this save's merged checkpoints exist, not before
+            apply_merged_retention(cfg)
         metrics.log(record)
         last_saved = state.iteration
 

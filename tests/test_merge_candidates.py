@@ -55,6 +55,8 @@ def test_candidates_are_logged_at_every_evaluation(run):
     assert "merge candidates  iteration" in run.output and "noise level" in run.output  # the summary's table
     assert "merge store: 4 snapshot(s) + 1 fp32 EMA accumulator(s)" in run.output  # stated at start-up
     assert (run.run_dir / "merge_candidates.png").stat().st_size > 10_000
+    # merge.keep_last=2 keeps exactly two merged checkpoints, applied after each save's merges exist
+    assert sorted(p.name for p in (run.run_dir / "merged").glob("iter_*")) == ["iter_0000006", "iter_0000008"]
     for slug, *_ in CANDIDATES.values():  # merge.keep_last applies to each candidate's merges too
         assert sorted(p.name for p in (run.run_dir / "merged_candidates" / slug).glob("iter_*")) == \
                ["iter_0000006", "iter_0000008"]
