@@ -11,6 +11,8 @@ Examples::
     megatron-merge --method weights --weights 1,2,3 --iterations 1000,2000,3000 --out m/ run/
     megatron-merge --dry-run --last 10 --out merged/ run/
     megatron-merge --last 3 --out merged/global_step300 ds_run/      # DeepSpeed save dir
+    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        -m megatron_merge --last 10 --out /shared/merged /shared/run/   # 32 ranks, 4 nodes
 
 Exit status: 0 on success, 1 on bad input or a failed check (an ``error:`` line names the file
 and key; nothing is written), 2 on bad command-line usage.
@@ -24,8 +26,8 @@ import os
 import sys
 from typing import Sequence
 
-from megatron_merge.errors import MergeError, os_error_message
-from megatron_merge.weights import METHODS, parse_weight_list
+from megatron_merge.errors import FailedOnAnotherRank, MergeError, os_error_message
+from megatron_merge.weights import METHODS, parse_weight_list, unusual_weights
 
 logger = logging.getLogger("megatron_merge")
 
@@ -54,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated weights, one per checkpoint (method 'weights'; "
                          "implies it when --method is not given)")
     weights.add_argument("--no-normalize", action="store_true",
-                         help="use --weights as given instead of dividing by their sum")
+                         help="use --weights as given instead of dividing by their sum: any values, "
+                         "negative ones included, not all zero (a warning says when they do not sum to 1)")
 
     select = parser.add_argument_group("choosing checkpoints from a run directory")
     select.add_argument("--last", type=int, metavar="N", help="merge the newest N saved iterations")
@@ -69,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     behaviour.add_argument("--model-only", action="store_true",
                            help="drop optimizer state (default: copy it from the newest input)")
     behaviour.add_argument("--accumulate-dtype", choices=("fp32", "fp64"), default="fp32")
+    behaviour.add_argument("--save-dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                           help="dtype of the merged model weights (default: their own); the "
+                           "optimizer's fp32 master weights and copied state keep theirs")
+    behaviour.add_argument("--state-from", default="newest", metavar="{newest,oldest,ITERATION}",
+                           help="the input whose layout and unmerged state (optimizer moments, RNG, "
+                           "extra state, args) the output takes (default: newest)")
     behaviour.add_argument("--allow-nonfinite", action="store_true",
                            help="merge inputs holding NaN/Inf instead of refusing")
     behaviour.add_argument("--trust-inputs", action="store_true",
@@ -79,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="write OUT as a run directory: OUT/iter_N/ (DeepSpeed: "
                                 "OUT/global_stepN/, N the newest input's iteration) and the tracker "
                                 "file, for Megatron-LM's --load OUT / DeepSpeed's load_checkpoint")
-    behaviour.add_argument("--workers", type=int, default=1, metavar="P",
-                           help="processes splitting the output files (default 1)")
+    behaviour.add_argument("--workers", type=int, default=None, metavar="P",
+                           help="processes splitting the output files (default: chosen from the "
+                           "cores, the input size and free memory, and logged); under torchrun "
+                           "every rank is one process")
     behaviour.add_argument("--dry-run", action="store_true",
                            help="check the inputs, print the plan and projected memory, write nothing")
     behaviour.add_argument("--verify", action="store_true",
@@ -89,6 +100,29 @@ def build_parser() -> argparse.ArgumentParser:
     behaviour.add_argument("--no-progress", action="store_true", help="no progress bar")
     behaviour.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
+
+
+def _state_from(text: str) -> str | int:
+    if text in ("newest", "oldest"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--state-from: expected newest, oldest or an iteration, got {text!r}") from None
+
+
+def _warn_about_choices(args: argparse.Namespace) -> None:
+    """Say when a choice the user made is likely not what they want (the merge still runs)."""
+    from megatron_merge.ranks import usable_cores
+
+    cores = usable_cores()
+    if args.workers is not None and args.workers > cores:
+        logger.warning("--workers %d is more than the %d CPU cores available: processes compete for them, "
+                       "which is slower than --workers %d", args.workers, cores, cores)
+    if args.no_normalize and args.weights is not None:
+        why = unusual_weights(args.weights)
+        if why:
+            logger.warning("--no-normalize: weights %s are used as given: %s", args.weights, why)
 
 
 def _int_list(text: str) -> list[int]:
@@ -108,14 +142,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     method = args.method or ("weights" if args.weights is not None else "sma")
     if method == "weights" and args.weights is None:
         parser.error("--method weights needs --weights W1,W2,... (one per checkpoint, oldest first)")
-    if args.workers < 1:
+    if args.no_normalize and args.weights is None:
+        parser.error("--no-normalize applies to --weights W1,W2,...")
+    if args.workers is not None and args.workers < 1:
         parser.error("--workers must be >= 1")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if args.workers > cores:
-        logger.warning("--workers %d is more than the %d CPU cores available: processes compete for them, "
-                       "which is slower than --workers %d", args.workers, cores, cores)
     try:
-        return _run(args, method)
+        state_from = _state_from(args.state_from)
+    except ValueError as err:
+        parser.error(str(err))
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:  # under torchrun rank 0 speaks for the merge
+        logging.getLogger().setLevel(logging.WARNING)
+    _warn_about_choices(args)
+    try:
+        return _run(args, method, state_from)
+    except FailedOnAnotherRank:  # rank 0 says why
+        return 1
     except MergeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -124,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _run(args: argparse.Namespace, method: str) -> int:
+def _run(args: argparse.Namespace, method: str, state_from: str | int) -> int:
     # Imported here so `--help` and usage errors stay fast (torch loads in ~2 s).
     from megatron_merge.atomic_output import check_output_path
     from megatron_merge.offline import merge_checkpoints, plan_merge
@@ -134,9 +176,11 @@ def _run(args: argparse.Namespace, method: str) -> int:
     options = dict(
         alpha=args.alpha, weights=args.weights, normalize=not args.no_normalize,
         model_only=args.model_only, accumulate_dtype=args.accumulate_dtype, format=args.format,
-        trust_inputs=args.trust_inputs,
+        trust_inputs=args.trust_inputs, save_dtype=args.save_dtype, state_from=state_from,
     )
     if args.dry_run:  # writes nothing, so an existing --out is only reported
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
         exists = os.path.lexists(args.out)
         check_output_path(args.out, [r.path for r in refs], force=True)
         plan = plan_merge(refs, method, **options)
@@ -149,11 +193,14 @@ def _run(args: argparse.Namespace, method: str) -> int:
         allow_nonfinite=args.allow_nonfinite, force=args.force, workers=args.workers,
         verify=args.verify, progress=not args.no_progress, as_run_dir=args.as_run_dir,
     )
+    if result.plan is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     size = result.plan.bytes_to_write
     logger.info(
-        "merged %d checkpoints into %s in %.1f s (%.1f MiB/s)%s",
+        "merged %d checkpoints into %s in %.1f s (%.1f MiB/s, %d %s)%s",
         len(result.plan.inputs), result.out, result.seconds,
-        size / 2**20 / max(result.seconds, 1e-9),
+        size / 2**20 / max(result.seconds, 1e-9), result.workers,
+        "ranks" if os.environ.get("RANK") is not None and result.workers > 1 else "processes",
         f"; verified {result.verified_chunks} chunks" if args.verify else "",
     )
     return 0

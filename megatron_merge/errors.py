@@ -13,6 +13,10 @@ class MergeError(Exception):
     """
 
 
+class FailedOnAnotherRank(MergeError):
+    """A merge spread over torchrun ranks failed; rank 0 reports why, this rank says nothing."""
+
+
 class UnsafeCheckpointError(MergeError):
     """A pickled part of a checkpoint names a class outside the allowlist (see
     :mod:`megatron_merge.safe_load`): ``path`` is the file, ``key`` the item holding the object

@@ -26,37 +26,40 @@ from megatron_merge.safe_load import SafeFileSystemReader, read_dcp_metadata
 logger = logging.getLogger(__name__)
 
 
-def verify_merge(plan, out_dir: str | Path, samples: int = 8, seed: int = 0,
-                 max_tensor_bytes: int = 2 << 30) -> int:
-    """Check up to ``samples`` merged chunks of ``out_dir``; return how many were checked."""
-    if hasattr(plan, "verify"):  # legacy Megatron / DeepSpeed: see formats.rank_files
-        return plan.verify(out_dir, samples=samples, seed=seed)
+def verify_dcp_merge(plan, out_dir: str | Path, settings, samples: int = 8, seed: int = 0,
+                     max_tensor_bytes: int = 2 << 30) -> int:
+    """Check up to ``samples`` merged chunks of the torch_dist merge ``plan`` (a
+    :class:`~megatron_merge.formats.torch_dist.TorchDistPlan`) in ``out_dir``, merged with
+    ``settings``; return how many were checked."""
     out_dir = Path(out_dir)
-    newest = plan.newest
+    source = plan.reference_checkpoint
     out_metadata = read_dcp_metadata(out_dir)
-    expected_keys = set(newest.metadata.state_dict_metadata) - set(plan.dropped_keys)
+    expected_keys = set(source.metadata.state_dict_metadata) - set(plan.dropped_keys)
     if set(out_metadata.state_dict_metadata) != expected_keys:
         raise MergeError(f"{out_dir}: verify: output keys differ from the plan")
 
     candidates = [
         item for f in plan.files for item in f.items
-        if item.action == "merge" and _tensor_bytes(newest, item.key) <= max_tensor_bytes
+        if item.action == "merge" and _tensor_bytes(source, item.key) <= max_tensor_bytes
     ]
     chosen = random.Random(seed).sample(candidates, min(samples, len(candidates)))
-    acc_dtype = resolve_accumulate_dtype(plan.accumulate_dtype)
+    acc_dtype = resolve_accumulate_dtype(settings.accumulate_dtype)
     for key in sorted({item.key for item in chosen}):
         items = [item for item in chosen if item.key == key]
-        meta = newest.tensor_metadata(key)
+        meta = source.tensor_metadata(key)
         expected = [torch.zeros(tuple(item.sizes), dtype=acc_dtype) for item in items]
-        for i, (ckpt, weight) in enumerate(zip(plan.checkpoints, plan.weights)):
-            whole = _load_whole(ckpt.path, key, meta)
+        for i, (ckpt, weight) in enumerate(zip(plan.checkpoints, settings.weights)):
+            whole = _load_whole(ckpt.path, key, meta.size, meta.properties.dtype)
             for acc, item in zip(expected, items):
-                reference_step(acc, whole[_box(item)], i, weight, plan.ema_alpha)
+                reference_step(acc, whole[_box(item)], i, weight, settings.ema_alpha)
             del whole
-        merged = _load_whole(out_dir, key, meta)
+        out_dtype = out_metadata.state_dict_metadata[key].properties.dtype
+        if out_dtype != plan.output_dtypes.get(key, meta.properties.dtype):
+            raise MergeError(f"{out_dir}: verify failed: key {key!r} is stored as {out_dtype}")
+        merged = _load_whole(out_dir, key, meta.size, out_dtype)
         for acc, item in zip(expected, items):
             got = merged[_box(item)]
-            if not torch.equal(got, acc.to(meta.properties.dtype)):
+            if not torch.equal(got, acc.to(out_dtype)):
                 raise MergeError(
                     f"{out_dir}: verify failed: key {key!r} chunk at offsets {item.offsets} "
                     f"differs from an independent recomputation"
@@ -90,8 +93,8 @@ def _tensor_bytes(ckpt, key: str) -> int:
     return meta.size.numel() * meta.properties.dtype.itemsize
 
 
-def _load_whole(checkpoint_dir: Path, key: str, meta) -> torch.Tensor:
-    state = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)}
+def _load_whole(checkpoint_dir: Path, key: str, size, dtype: torch.dtype) -> torch.Tensor:
+    state = {key: torch.empty(tuple(size), dtype=dtype)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.load(state, storage_reader=SafeFileSystemReader(checkpoint_dir), no_dist=True)

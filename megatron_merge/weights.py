@@ -15,8 +15,9 @@ Methods (N >= 2 checkpoints, i = 1..N):
 
 ``wma``  weighted moving average, newer weighs more: ``w_i = i / (N (N + 1) / 2)``.
 
-``weights``  explicit weights, one per checkpoint, each >= 0, divided by their sum unless
-         ``normalize=False``.
+``weights``  explicit weights, one per checkpoint, each >= 0, divided by their sum. With
+         ``normalize=False`` they are used as given: any finite values, negative ones included
+         (extrapolation, task arithmetic), as long as not all are zero.
 
 ``wsm-linear`` / ``wsm-minus-sqrt``  WSM ("Warmup-Stable and Merge", Tian et al. 2025,
          arXiv 2507.17634): merging the checkpoints of a constant-LR run emulates running an LR
@@ -61,8 +62,10 @@ def merge_weights(
         method: one of :data:`METHODS` (formulas in the module docstring).
         n: number of checkpoints; at least 2 (merging one checkpoint is refused).
         alpha: EMA smoothing factor in (0, 1]; only for ``ema`` (default 0.2).
-        weights: explicit weights, only for ``weights``; ``len(weights) == n``, each >= 0.
-        normalize: divide explicit weights by their sum (only for ``weights``).
+        weights: explicit weights, only for ``weights``; ``len(weights) == n``; each >= 0
+            unless ``normalize`` is False.
+        normalize: divide explicit weights by their sum (only for ``weights``); without it
+            they are used as given (see :func:`unusual_weights` for what to warn about).
 
     Raises:
         ValueError: with a message saying what was expected.
@@ -106,12 +109,25 @@ def _explicit_weights(n: int, weights: Sequence[float] | None, normalize: bool) 
         raise ValueError(f"got {len(values)} weights for {n} checkpoints")
     if not all(math.isfinite(w) for w in values):
         raise ValueError(f"weights must be finite, got {values}")
-    if any(w < 0 for w in values):
-        raise ValueError(f"weights must be >= 0, got {values}")
-    total = math.fsum(values)
-    if total <= 0:
+    if all(w == 0 for w in values):
         raise ValueError(f"weights must not all be zero, got {values}")
-    return [w / total for w in values] if normalize else values
+    if not normalize:
+        return values
+    if any(w < 0 for w in values):
+        raise ValueError(f"weights must be >= 0 to be normalized, got {values}; "
+                         f"use them as given with --no-normalize")
+    return [w / math.fsum(values) for w in values]
+
+
+def unusual_weights(weights: Sequence[float]) -> str | None:
+    """Why weights used as given deserve a warning (negative, or not summing to 1), or None."""
+    reasons = []
+    if any(w < 0 for w in weights):
+        reasons.append("some are negative (the merge extrapolates beyond the checkpoints)")
+    total = math.fsum(weights)
+    if not math.isclose(total, 1.0, rel_tol=1e-9, abs_tol=1e-12):
+        reasons.append(f"they sum to {total:g}, not 1 (the merge scales every weight tensor by that)")
+    return "; ".join(reasons) or None
 
 
 def parse_weight_list(text: str) -> list[float]:

@@ -480,7 +480,7 @@ def test_a_float_extra_state_tensor_is_copied_not_averaged(tmp_path):
         torch.save({"iteration": i}, path / "common.pt")
         inputs.append(path)
     result = merge_checkpoints(inputs, tmp_path / "merged")
-    assert key in result.plan.copied_keys and key not in result.plan.merged_keys
+    assert key in result.plan.format_plan.copied_keys and key not in result.plan.format_plan.merged_keys
     state = {"decoder.layers.0.weight": torch.empty(4), key: torch.empty(3)}
     dcp.load(state, checkpoint_id=str(tmp_path / "merged"), no_dist=True)
     assert torch.equal(state[key], torch.full((3,), 2.0))  # the newest input's

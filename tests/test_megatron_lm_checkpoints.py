@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from merge_reference import load_full, model_keys, reference_merge
 from megatron_merge import cli
 from megatron_merge.formats.distributed_optimizer import PARAM_ALIGNMENT, is_bucket_master_key
-from megatron_merge.formats.torch_dist import TorchDistCheckpoint
+from megatron_merge.formats.dcp import TorchDistCheckpoint
 from megatron_merge.offline import merge_checkpoints
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "megatron_lm"

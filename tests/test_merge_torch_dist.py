@@ -308,7 +308,7 @@ def test_layout_invariance_tp1_and_tp2_merge_identically(ckpts, tmp_path):
 def test_inputs_saved_under_different_layouts_merge(ckpts, tmp_path):
     mixed = [it_dir(ckpts / "run_tp1", 10), it_dir(ckpts / "run_tp2", 20), it_dir(ckpts / "run_tp1", 30)]
     result = merge_checkpoints(mixed, tmp_path / "mixed", "ema", alpha=0.4)
-    assert result.plan.inputs_with_other_layout == [str(mixed[1])]
+    assert result.plan.format_plan.inputs_with_other_layout == [str(mixed[1])]
     merge_checkpoints([it_dir(ckpts / "run_tp2", i) for i in (10, 20, 30)], tmp_path / "tp2", "ema", alpha=0.4)
     for key in MERGED_KEYS:
         assert torch.equal(load_full(tmp_path / "mixed", key), load_full(tmp_path / "tp2", key)), key
@@ -423,10 +423,10 @@ def test_cli_weights_flag_implies_weights_method(ckpts, tmp_path):
 
 
 def test_verify_catches_a_wrong_merge(ckpts, tmp_path, monkeypatch):
-    import megatron_merge.offline as offline
+    import megatron_merge.formats.torch_dist as torch_dist
 
-    real = offline.merge_piece
-    monkeypatch.setattr(offline, "merge_piece", lambda *a, **k: real(*a, **k) + 1)
+    real = torch_dist.merge_piece
+    monkeypatch.setattr(torch_dist, "merge_piece", lambda *a, **k: real(*a, **k) + 1)
     out = tmp_path / "merged"
     with pytest.raises(MergeError, match="verify failed"):
         merge_checkpoints([it_dir(ckpts / "run_tp2", i) for i in (10, 20)], out, verify=True)

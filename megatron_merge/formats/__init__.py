@@ -10,17 +10,27 @@ Each format only lists a checkpoint's pieces and reads/writes them; the arithmet
 ``deepspeed``   DeepSpeed tag directories (``*_model_states.pt``, ZeRO ``*_optim_states.pt``):
                 merged file by file (:mod:`.deepspeed`).
 
-The per-rank-file formats share :mod:`.rank_files`.
+The per-rank-file formats share :mod:`.rank_files`. What every format provides to the merge
+engine (:mod:`megatron_merge.offline`) is the small contract in :mod:`.base`; the engine finds
+a format's implementation with :func:`format_module`.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from types import ModuleType
 
 from megatron_merge.errors import MergeError
-from megatron_merge.formats.torch_dist import TorchDistCheckpoint
+from megatron_merge.formats.dcp import TorchDistCheckpoint
 
 FORMATS = ("torch_dist", "torch", "deepspeed")
+# The module implementing each format's part of the merge (``plan_format``, ``item_writer``).
+_MERGE_MODULES = {
+    "torch_dist": "megatron_merge.formats.torch_dist",
+    "torch": "megatron_merge.formats.rank_files",
+    "deepspeed": "megatron_merge.formats.rank_files",
+}
 
 
 def is_extra_state(key: str) -> bool:
@@ -82,3 +92,10 @@ def input_format(paths, format: str | None = None) -> str:
                 f"all inputs must have one format"
             )
     return newest
+
+
+def format_module(format: str) -> ModuleType:
+    """The module that plans and writes merges of ``format`` (see :mod:`.base`)."""
+    if format not in _MERGE_MODULES:
+        raise MergeError(f"unknown checkpoint format {format!r}; one of {', '.join(FORMATS)}")
+    return importlib.import_module(_MERGE_MODULES[format])

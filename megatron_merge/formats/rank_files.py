@@ -15,7 +15,8 @@ Nothing is resharded: every file of the newest input is written again under the 
 A *slot* is a tensor's position in a file's tree: the keys and list indices that lead to it.
 The formats (:mod:`.legacy`, :mod:`.deepspeed`) only say which files a checkpoint has, which
 slots of a file are merged, what ``--model-only`` removes, and which classes their files may
-pickle. This module plans, writes, records and verifies.
+pickle. This module is their part of the merge engine's contract (:mod:`.base`): planning, the item
+writer, finishing and verifying; :mod:`megatron_merge.offline` runs it.
 
 Safety: files are read by :func:`megatron_merge.safe_load.load_torch`
 (``torch.load(weights_only=True)`` under an explicit allowlist, plus a per-format list); anything
@@ -25,9 +26,7 @@ merged tensors plus one tensor's accumulator, so its peak is bounded by one file
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import multiprocessing
 import os
 import random
 import shutil
@@ -36,18 +35,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from tqdm import tqdm
 
-from megatron_merge.accumulate import (
-    MERGE_THREADS,
-    PiecePart,
-    merge_piece,
-    resolve_accumulate_dtype,
-    torch_threads,
-)
+from megatron_merge.accumulate import PiecePart, merge_piece, resolve_accumulate_dtype
 from megatron_merge.errors import MergeError, UnsafeCheckpointError
 from megatron_merge.formats import is_extra_state
-from megatron_merge.record import MERGE_RECORD_FILE, input_entries, record_header
+from megatron_merge.formats.base import FormatPlan, ItemWriter, MergeSettings, PlanOptions, human_bytes
+from megatron_merge.record import MERGE_RECORD_FILE
 from megatron_merge.safe_load import load_torch
 from megatron_merge.verify import reference_step
 
@@ -276,113 +269,107 @@ class RankFilePlan:
 
 
 @dataclass
-class RankFileMergePlan:
-    """Everything decided before writing a byte. ``inputs`` are ordered oldest first."""
+class RankFileMergePlan(FormatPlan):
+    """Everything decided about a per-rank-file merge before writing a byte."""
 
     format: str
-    inputs: list
-    weights: list[float]
-    method: str
-    alpha: float | None
-    normalize: bool
-    model_only: bool
-    accumulate_dtype: str
+    checkpoints: list[RankFileCheckpoint] = field(repr=False)
+    reference: int
     files: list[RankFilePlan]
     dropped_files: dict[str, str]  # file -> why it is left out
     layout: dict
     bytes_to_read: int
     peak_bytes_per_worker: int
-    checkpoints: list[RankFileCheckpoint] = field(repr=False, default_factory=list)
+    saved_as: torch.dtype | None = None  # merged model weights' output dtype (--save-dtype)
 
     @property
-    def newest(self) -> RankFileCheckpoint:
-        return self.checkpoints[-1]
-
-    @property
-    def bytes_to_write(self) -> int:
-        return sum(f.nbytes for f in self.files)
-
-    @property
-    def ema_alpha(self) -> float | None:
-        """Set for EMA merges, which combine by the recursion (see :mod:`accumulate`)."""
-        return self.alpha if self.method == "ema" else None
+    def work_items(self) -> list[RankFilePlan]:
+        return self.files
 
     @property
     def merged_keys(self) -> dict[str, dict[str, str]]:
         return {f.name: {s.text: str(s.dtype) for s in f.merged} for f in self.files if f.merged}
 
-    def describe(self) -> str:
-        """Human-readable plan (what ``--dry-run`` prints)."""
-        from megatron_merge.offline import _human_bytes
-
-        lines = [f"method: {self.method}" + (f" (alpha={self.alpha})" if self.alpha is not None else "")]
-        lines.append("inputs (oldest first):")
-        for ref, weight in zip(self.inputs, self.weights):
-            it = "?" if ref.iteration is None else ref.iteration
-            lines.append(f"  iteration {it:>10}  weight {weight:.6f}  {ref.path}")
+    def describe_lines(self) -> list[str]:
         n_merged = sum(len(f.merged) for f in self.files)
-        lines += [
+        lines = [
             f"format: {self.format} ({_layout_text(self.layout)}), merged file by file",
-            f"files: {len(self.files)} written in the newest input's layout, "
+            f"files: {len(self.files)} written in the layout of {self.reference_checkpoint.path}, "
             f"{sum(1 for f in self.files if f.copy_only)} of them copied unchanged, "
             f"{len(self.dropped_files)} dropped",
-            f"tensors: {n_merged} merged; everything else copied from the newest input",
-            f"accumulate in: {self.accumulate_dtype}",
-            f"to read: {_human_bytes(self.bytes_to_read)}, to write: ~{_human_bytes(self.bytes_to_write)}",
-            f"projected peak memory per worker: {_human_bytes(self.peak_bytes_per_worker)} "
-            f"(one file's merged tensors and one tensor's working set; inputs are memory-mapped)",
+            f"tensors: {n_merged} merged; everything else copied from that input",
         ]
-        return "\n".join(lines)
+        if self.saved_as is not None:
+            lines.append(f"merged model weights saved as {self.saved_as}")
+        lines.append(
+            f"projected peak memory per worker: {human_bytes(self.peak_bytes_per_worker)} "
+            f"(one file's merged tensors and one tensor's working set; inputs are memory-mapped)")
+        return lines
 
-    # -- doing it (called by megatron_merge.offline) ---------------------------------------------
+    def record_fields(self) -> dict:
+        return {
+            "layout": self.layout,
+            "merged": self.merged_keys,
+            # fp32 master weights of the optimizer (Megatron's optimizer / distrib_optim.pt,
+            # DeepSpeed's *optim_states.pt); their moments stay the reference input's
+            "optimizer_merged": {f.name: [s.text for s in f.merged if is_optimizer_slot(f.name, s.path)]
+                                 for f in self.files if any(is_optimizer_slot(f.name, s.path) for s in f.merged)},
+            "copied_from_newest": {f.name: list(f.copied) for f in self.files},
+            "dropped": {
+                **{f.name: [*f.dropped_entries, *(f"{k} (set to None)" for k in f.emptied_entries)]
+                   for f in self.files if f.dropped_entries or f.emptied_entries},
+                **self.dropped_files,
+            },
+            "files_copied_from_newest": self.reference_checkpoint.extra_files(),
+            "trust_inputs": False,  # every file is parsed: it is merged or checked
+        }
 
-    def execute(self, out_dir: Path, *, workers: int = 1, allow_nonfinite: bool = False,
-                progress: bool = False, checkpoint_id: str | None = None) -> None:
-        execute_rank_file_plan(self, out_dir, workers=workers, allow_nonfinite=allow_nonfinite,
-                               progress=progress)
+    def finish(self, out_dir: Path, results: dict, checkpoint_id: str, settings: MergeSettings) -> None:
+        source = self.reference_checkpoint
+        for extra in source.extra_files():
+            path = source.path / extra
+            if path.is_dir():
+                shutil.copytree(path, out_dir / extra, symlinks=True)
+            else:
+                shutil.copy2(path, out_dir / extra)
 
-    def record(self, out: Path, allow_nonfinite: bool) -> dict:
-        return merge_record(self, out, allow_nonfinite)
-
-    def verify(self, out_dir: Path, samples: int = 8, seed: int = 0) -> int:
-        return verify_rank_file_merge(self, out_dir, samples=samples, seed=seed)
+    def verify(self, out_dir: Path, settings: MergeSettings, samples: int, seed: int) -> int:
+        return verify_rank_file_merge(self, out_dir, settings, samples=samples, seed=seed)
 
 
-def plan_rank_file_merge(
-    refs: list,
-    checkpoints: list[RankFileCheckpoint],
-    weights: list[float],
-    *,
-    method: str,
-    alpha: float | None,
-    normalize: bool,
-    model_only: bool,
-    accumulate_dtype: str,
-) -> RankFileMergePlan:
+def is_optimizer_slot(name: str, path: SlotPath) -> bool:
+    """Whether a merged slot is optimizer state: any slot of an optimizer file
+    (``distrib_optim.pt``, ``*optim_states.pt``), or one under ``optimizer`` in a model file."""
+    base = name.rsplit("/", 1)[-1]
+    return base == "distrib_optim.pt" or base.endswith("optim_states.pt") or (bool(path) and path[0] == "optimizer")
+
+
+def plan_format(checkpoints: list[RankFileCheckpoint], options: PlanOptions) -> RankFileMergePlan:
     """Check the inputs agree file by file and decide what happens to every file and tensor."""
-    newest = checkpoints[-1]
+    ref_index = options.reference % len(checkpoints)
+    source = checkpoints[ref_index]
+    others = [c for i, c in enumerate(checkpoints) if i != ref_index]
     for ckpt in checkpoints:
         ckpt.check_complete()
-    for ckpt in checkpoints[:-1]:
-        ckpt.check_matches(newest)
-        extra = sorted(set(ckpt.files()) - set(newest.files()))
+    for ckpt in others:
+        ckpt.check_matches(source)
+        extra = sorted(set(ckpt.files()) - set(source.files()))
         if extra:
             raise MergeError(
-                f"{ckpt.path / extra[0]}: not in the newest input {newest.path} "
-                f"(inputs must have the same files)"
+                f"{ckpt.path / extra[0]}: not in {source.path} (inputs must have the same files)"
             )
-    acc_itemsize = resolve_accumulate_dtype(accumulate_dtype).itemsize
+    acc_itemsize = options.accumulate_itemsize
     files, dropped_files = [], {}
     bytes_to_read, peak = 0, 0
-    for name in newest.files():
-        obj = newest.load(name)
-        rule = newest.rule(name, obj, model_only)
+    for name in source.files():
+        obj = source.load(name)
+        rule = source.rule(name, obj, options.model_only)
         if rule.drop_file:
             dropped_files[name] = rule.why_dropped
             continue
         slots = tuple(_slot(obj, path, rule) for path in rule.merged)
-        _check_older_inputs(checkpoints, name, obj, rule, slots, model_only)
-        size = newest.file_size(name)
+        _check_other_inputs(source, others, name, rule, slots, options.model_only)
+        size = source.file_size(name)
         plan = RankFilePlan(
             name, slots, rule.dropped_entries, rule.emptied_entries,
             _copied_entries(obj, rule), size,
@@ -396,11 +383,9 @@ def plan_rank_file_merge(
         peak = max(peak, merged_bytes + 2 * largest_numel * acc_itemsize + largest)
         del obj
     return RankFileMergePlan(
-        format=newest.format, inputs=refs, weights=weights, method=method,
-        alpha=alpha if method == "ema" else None, normalize=normalize, model_only=model_only,
-        accumulate_dtype=accumulate_dtype, files=files, dropped_files=dropped_files,
-        layout=newest.layout(), bytes_to_read=bytes_to_read, peak_bytes_per_worker=peak,
-        checkpoints=checkpoints,
+        format=source.format, checkpoints=checkpoints, reference=ref_index, files=files,
+        dropped_files=dropped_files, layout=source.layout(), bytes_to_read=bytes_to_read,
+        peak_bytes_per_worker=peak, saved_as=options.save_dtype,
     )
 
 
@@ -410,15 +395,15 @@ def _slot(obj: Any, path: SlotPath, rule: FileRule) -> Slot:
     return Slot(path, tuple(tensor.shape), tensor.dtype, None if ranges is None else tuple(ranges))
 
 
-def _check_older_inputs(checkpoints, name: str, newest_obj: Any, rule: FileRule,
-                        slots: tuple[Slot, ...], model_only: bool) -> None:
-    """Every older input's file has the newest's merged tensors, same shapes and dtypes, no more."""
-    newest = checkpoints[-1]
+def _check_other_inputs(newest: RankFileCheckpoint, others: list[RankFileCheckpoint], name: str,
+                        rule: FileRule, slots: tuple[Slot, ...], model_only: bool) -> None:
+    """Every other input's file has the reference's (``newest``'s) merged tensors, same shapes
+    and dtypes, no more."""
     wanted = {s.path for s in slots}
-    for ckpt in checkpoints[:-1]:
+    for ckpt in others:
         where = ckpt.path / name
         if not where.is_file():
-            raise MergeError(f"{where}: missing (the newest input {newest.path} has {name})")
+            raise MergeError(f"{where}: missing ({newest.path} has {name})")
         obj = ckpt.load(name)
         for slot in slots:
             try:
@@ -489,195 +474,99 @@ def _count_leaves(obj: Any) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Context:
-    checkpoints: list[RankFileCheckpoint]
-    weights: list[float]
-    acc_dtype: torch.dtype
-    allow_nonfinite: bool
-    out_dir: Path
-    ema_alpha: float | None = None  # EMA merges use the recursion (see accumulate)
+def item_writer(settings: MergeSettings,
+                checkpoints: list[RankFileCheckpoint] | None = None) -> "RankFileItemWriter":
+    """A writer for this process; opens the inputs unless ``checkpoints`` are given."""
+    if checkpoints is None:
+        from megatron_merge.formats import open_checkpoint
+
+        checkpoints = [open_checkpoint(p, settings.format) for p in settings.input_paths]
+    return RankFileItemWriter(list(checkpoints), settings)
 
 
-def write_rank_file(ctx: _Context, plan: RankFilePlan) -> None:
-    """Write one output file: the newest input's tree with the merged slots replaced."""
-    newest = ctx.checkpoints[-1]
-    target = ctx.out_dir / plan.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if plan.copy_only:
-        shutil.copyfile(newest.path / plan.name, target)
-        return
-    trees = [ckpt.load(plan.name) for ckpt in ctx.checkpoints]  # memory-mapped
-    out = trees[-1]
-    for slot in plan.merged:
+class RankFileItemWriter(ItemWriter):
+    """Writes output files: the reference input's tree with the merged slots replaced."""
 
-        def parts_of_input(i: int, slot: Slot = slot) -> Iterator[PiecePart]:
+    def __init__(self, checkpoints: list[RankFileCheckpoint], settings: MergeSettings):
+        self.checkpoints = checkpoints
+        self.settings = settings
+        self.source = checkpoints[settings.reference]
+        self.acc_dtype = resolve_accumulate_dtype(settings.accumulate_dtype)
+
+    def write(self, item: RankFilePlan, out_dir: Path) -> None:
+        target = Path(out_dir) / item.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if item.copy_only:
+            shutil.copyfile(self.source.path / item.name, target)
+            return None
+        trees = [ckpt.load(item.name) for ckpt in self.checkpoints]  # memory-mapped
+        out = trees[self.settings.reference]
+        for slot in item.merged:
+            original = get_at(out, slot.path)
+            if slot.ranges is None:
+                merged = self._merge_whole(item.name, trees, slot)
+            else:
+                merged = self._merge_ranges(item.name, trees, slot)
+            if isinstance(original, torch.nn.Parameter):
+                merged = torch.nn.Parameter(merged, requires_grad=original.requires_grad)
+            elif original.requires_grad:  # e.g. DeepSpeed's fp32 partitions: keep what was saved
+                merged.requires_grad_(True)
+            out = replace_at(out, slot.path, merged)
+        for key in item.dropped_entries:
+            out.pop(key, None)
+        for key in item.emptied_entries:
+            out[key] = None
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(out, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.rename(target)
+        trees.clear()  # release the memory-mapped inputs now, not at the next file
+        return None
+
+    def _merge_whole(self, name: str, trees: list, slot: Slot) -> torch.Tensor:
+        def parts_of_input(i: int) -> Iterator[PiecePart]:
             values = get_at(trees[i], slot.path)
             if not isinstance(values, torch.Tensor) or tuple(values.shape) != slot.shape:
                 raise MergeError(
-                    f"{ctx.checkpoints[i].path / plan.name}: key {slot.text!r} changed since planning"
+                    f"{self.checkpoints[i].path / name}: key {slot.text!r} changed since planning"
                 )
             region = tuple(slice(None) for _ in slot.shape)
-            origin = f"{ctx.checkpoints[i].path / plan.name} (key {slot.text!r})"
-            yield PiecePart(region, values.detach(), origin)
+            yield PiecePart(region, values.detach(), f"{self.checkpoints[i].path / name} (key {slot.text!r})")
 
-        original = get_at(out, slot.path)
-        if slot.ranges is None:
-            merged = merge_piece(
-                slot.shape, slot.dtype, ctx.weights, parts_of_input, ctx.acc_dtype,
-                ctx.allow_nonfinite, describe_piece=f"key {slot.text!r} of {plan.name}",
-                ema_alpha=ctx.ema_alpha,
-            )
-        else:
-            merged = _merge_ranges(ctx, plan.name, trees, slot)
-        if isinstance(original, torch.nn.Parameter):
-            merged = torch.nn.Parameter(merged, requires_grad=original.requires_grad)
-        elif original.requires_grad:  # e.g. DeepSpeed's fp32 partitions: keep what was saved
-            merged.requires_grad_(True)
-        out = replace_at(out, slot.path, merged)
-    for key in plan.dropped_entries:
-        out.pop(key, None)
-    for key in plan.emptied_entries:
-        out[key] = None
-    tmp = target.with_name(target.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(out, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.rename(target)
-    trees.clear()  # release the memory-mapped inputs now, not at the next file
-    del out
-
-
-def _merge_ranges(ctx: _Context, name: str, trees: list, slot: Slot) -> torch.Tensor:
-    """A padded flat buffer: each weight range is a piece of the merge loop; padding is the
-    newest input's."""
-    out = get_at(trees[-1], slot.path).detach().clone(memory_format=torch.contiguous_format)
-    flat = out.view(-1)
-    for start, stop in slot.ranges:
-
-        def parts_of_input(i: int, start: int = start, stop: int = stop) -> Iterator[PiecePart]:
-            values = get_at(trees[i], slot.path).detach().reshape(-1)[start:stop]
-            origin = (f"{ctx.checkpoints[i].path / name} (key {slot.text!r}, "
-                      f"elements [{start}, {stop}))")
-            yield PiecePart((slice(None),), values, origin)
-
-        flat[start:stop] = merge_piece(
-            (stop - start,), slot.dtype, ctx.weights, parts_of_input, ctx.acc_dtype,
-            ctx.allow_nonfinite, describe_piece=f"key {slot.text!r} of {name} [{start}, {stop})",
-            ema_alpha=ctx.ema_alpha,
+        return merge_piece(
+            slot.shape, self.settings.output_dtype(slot.dtype, not is_optimizer_slot(name, slot.path)),
+            self.settings.weights, parts_of_input, self.acc_dtype, self.settings.allow_nonfinite,
+            describe_piece=f"key {slot.text!r} of {name}", ema_alpha=self.settings.ema_alpha,
         )
-    return out
 
+    def _merge_ranges(self, name: str, trees: list, slot: Slot) -> torch.Tensor:
+        """A padded flat buffer: each weight range is a piece of the merge loop; padding is the
+        reference input's."""
+        out = get_at(trees[self.settings.reference], slot.path).detach().clone(
+            memory_format=torch.contiguous_format)
+        flat = out.view(-1)
+        for start, stop in slot.ranges:
 
-_WORKER_CONTEXT: _Context | None = None
+            def parts_of_input(i: int, start: int = start, stop: int = stop) -> Iterator[PiecePart]:
+                values = get_at(trees[i], slot.path).detach().reshape(-1)[start:stop]
+                origin = (f"{self.checkpoints[i].path / name} (key {slot.text!r}, "
+                          f"elements [{start}, {stop}))")
+                yield PiecePart((slice(None),), values, origin)
 
-
-def _init_worker(fmt, paths, weights, acc_dtype_name, allow_nonfinite, out_dir, threads, ema_alpha) -> None:
-    global _WORKER_CONTEXT
-    from megatron_merge.formats import open_checkpoint
-
-    torch.set_num_threads(threads)
-    _WORKER_CONTEXT = _Context(
-        [open_checkpoint(p, fmt) for p in paths], weights, resolve_accumulate_dtype(acc_dtype_name),
-        allow_nonfinite, Path(out_dir), ema_alpha,
-    )
-
-
-def _write_in_worker(plan: RankFilePlan) -> str:
-    write_rank_file(_WORKER_CONTEXT, plan)
-    return plan.name
-
-
-def execute_rank_file_plan(plan: RankFileMergePlan, out_dir: str | Path, *, workers: int = 1,
-                           allow_nonfinite: bool = False, progress: bool = False) -> None:
-    """Write the merged checkpoint described by ``plan`` into the existing ``out_dir``."""
-    out_dir = Path(out_dir)
-    bar = tqdm(
-        total=plan.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024,
-        desc="merging", disable=not progress, dynamic_ncols=True,
-    )
-    with bar:
-        if workers <= 1 or len(plan.files) <= 1:
-            ctx = _Context(plan.checkpoints, plan.weights, resolve_accumulate_dtype(plan.accumulate_dtype),
-                           allow_nonfinite, out_dir, plan.ema_alpha)
-            with torch_threads(MERGE_THREADS):
-                for file_plan in plan.files:
-                    write_rank_file(ctx, file_plan)
-                    bar.update(file_plan.nbytes)
-        else:
-            _run_workers(plan, out_dir, workers, allow_nonfinite, bar)
-    newest = plan.newest
-    for extra in newest.extra_files():
-        source = newest.path / extra
-        if source.is_dir():
-            shutil.copytree(source, out_dir / extra, symlinks=True)
-        else:
-            shutil.copy2(source, out_dir / extra)
-
-
-def _run_workers(plan: RankFileMergePlan, out_dir: Path, workers: int, allow_nonfinite: bool, bar) -> None:
-    files = sorted(plan.files, key=lambda f: f.nbytes, reverse=True)  # largest first
-    with concurrent.futures.ProcessPoolExecutor(
-        max_workers=min(workers, len(files)),
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(plan.format, [str(c.path) for c in plan.checkpoints], plan.weights,
-                  plan.accumulate_dtype, allow_nonfinite, str(out_dir), MERGE_THREADS, plan.ema_alpha),
-    ) as pool:
-        futures = {pool.submit(_write_in_worker, f): f for f in files}
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                future.result()
-                bar.update(futures[future].nbytes)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+            flat[start:stop] = merge_piece(
+                (stop - start,), slot.dtype, self.settings.weights, parts_of_input, self.acc_dtype,
+                self.settings.allow_nonfinite,
+                describe_piece=f"key {slot.text!r} of {name} [{start}, {stop})",
+                ema_alpha=self.settings.ema_alpha,
+            )
+        return out
 
 
 # --------------------------------------------------------------------------------------------
-# merge.json and --verify
+# --verify
 # --------------------------------------------------------------------------------------------
-
-
-def merge_record(plan: RankFileMergePlan, out: Path, allow_nonfinite: bool) -> dict:
-    """The ``merge.json`` written beside the merged checkpoint."""
-    return {
-        **record_header(tool="megatron-merge", out=out, format=plan.format, method=plan.method,
-                        alpha=plan.alpha, weights=plan.weights,
-                        inputs=input_entries(plan.inputs, plan.weights)),
-        "normalize": plan.normalize,
-        "accumulate_dtype": plan.accumulate_dtype,
-        "allow_nonfinite": allow_nonfinite,
-        "model_only": plan.model_only,
-        "layout_from": str(plan.newest.path.resolve()),
-        "layout": plan.layout,
-        "merged": plan.merged_keys,
-        # fp32 master weights of the optimizer (Megatron's optimizer / distrib_optim.pt,
-        # DeepSpeed's *optim_states.pt); their moments stay the newest input's
-        "optimizer_merged": _merged_optimizer_slots(plan),
-        "copied_from_newest": {f.name: list(f.copied) for f in plan.files},
-        "dropped": {
-            **{f.name: [*f.dropped_entries, *(f"{k} (set to None)" for k in f.emptied_entries)]
-               for f in plan.files if f.dropped_entries or f.emptied_entries},
-            **plan.dropped_files,
-        },
-        "files_copied_from_newest": plan.newest.extra_files(),
-    }
-
-
-def _merged_optimizer_slots(plan: RankFileMergePlan) -> dict[str, list[str]]:
-    """Per file, the merged slots that are optimizer state: all of an optimizer file's
-    (``distrib_optim.pt``, ``*optim_states.pt``), and the ``optimizer/...`` ones of a model file."""
-    found = {}
-    for name, slots in plan.merged_keys.items():
-        base = name.rsplit("/", 1)[-1]
-        optimizer_file = base == "distrib_optim.pt" or base.endswith("optim_states.pt")
-        chosen = [slot for slot in slots if optimizer_file or slot.startswith("optimizer/")]
-        if chosen:
-            found[name] = chosen
-    return found
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -690,8 +579,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def verify_rank_file_merge(plan: RankFileMergePlan, out_dir: str | Path, samples: int = 8,
-                           seed: int = 0) -> int:
+def verify_rank_file_merge(plan: RankFileMergePlan, out_dir: str | Path, settings: MergeSettings,
+                           samples: int = 8, seed: int = 0) -> int:
     """Re-read the output and check sampled merged tensors against an independent recomputation.
 
     Every output file is loaded with plain ``torch.load(weights_only=True)`` (no memory map),
@@ -700,7 +589,7 @@ def verify_rank_file_merge(plan: RankFileMergePlan, out_dir: str | Path, samples
     compared bit for bit. Returns how many tensors were checked.
     """
     out_dir = Path(out_dir)
-    newest = plan.newest
+    source = plan.reference_checkpoint
     expected_files = sorted(f.name for f in plan.files)
     written = sorted(
         str(p.relative_to(out_dir)) for p in out_dir.rglob("*.pt") if p.is_file()
@@ -709,30 +598,32 @@ def verify_rank_file_merge(plan: RankFileMergePlan, out_dir: str | Path, samples
         raise MergeError(f"{out_dir}: verify: output files differ from the plan")
     candidates = [(f, s) for f in plan.files for s in f.merged]
     chosen = random.Random(seed).sample(candidates, min(samples, len(candidates)))
-    acc_dtype = resolve_accumulate_dtype(plan.accumulate_dtype)
+    acc_dtype = resolve_accumulate_dtype(settings.accumulate_dtype)
     for file_plan in plan.files:
-        out_obj = newest.load_file(out_dir / file_plan.name, mmap=False)
+        out_obj = source.load_file(out_dir / file_plan.name, mmap=False)
         if isinstance(out_obj, dict) and any(k in out_obj for k in file_plan.dropped_entries):
             raise MergeError(f"{out_dir / file_plan.name}: verify: dropped entries are still there")
         mine = [s for f, s in chosen if f is file_plan]
         if not mine:
             continue
         expected = [torch.zeros(s.shape, dtype=acc_dtype) for s in mine]
-        padding = []  # what unmerged elements of padded flat buffers must hold: the newest's
-        for i, (ckpt, weight) in enumerate(zip(plan.checkpoints, plan.weights)):
+        padding = []  # what unmerged elements of padded flat buffers must hold: the reference's
+        for i, (ckpt, weight) in enumerate(zip(plan.checkpoints, settings.weights)):
             tree = ckpt.load(file_plan.name, mmap=False)
             for acc, slot in zip(expected, mine):
-                reference_step(acc, get_at(tree, slot.path), i, weight, plan.ema_alpha)
-            if ckpt is newest:
+                reference_step(acc, get_at(tree, slot.path), i, weight, settings.ema_alpha)
+            if ckpt is source:
                 padding = [get_at(tree, s.path) for s in mine]
             del tree
-        for acc, slot, newest_value in zip(expected, mine, padding):
-            want = acc.to(slot.dtype)
+        for acc, slot, source_value in zip(expected, mine, padding):
             if slot.ranges is not None:
-                keep = newest_value.clone().reshape(-1)
+                want = acc.to(slot.dtype)
+                keep = source_value.clone().reshape(-1)
                 for start, stop in slot.ranges:
                     keep[start:stop] = want.reshape(-1)[start:stop]
                 want = keep.reshape(slot.shape)
+            else:
+                want = acc.to(settings.output_dtype(slot.dtype, not is_optimizer_slot(file_plan.name, slot.path)))
             got = get_at(out_obj, slot.path)
             if not (isinstance(got, torch.Tensor) and same_bits(got, want)):
                 raise MergeError(

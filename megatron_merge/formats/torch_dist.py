@@ -1,559 +1,523 @@
-"""megatron-core ``torch_dist`` checkpoints: list their pieces, read them, write them back.
+"""Merging ``torch_dist`` checkpoints chunk by chunk: the format's plan and item writer.
 
-A ``torch_dist`` checkpoint directory (``megatron.core.dist_checkpointing.save``) holds:
+Planning reads only metadata (:mod:`.dcp` opens the files). It checks the inputs agree (keys,
+global shapes, dtypes), that every byte it will read is present, and decides for every item of
+the reference input (the newest, unless ``--state-from``) what happens to it:
 
-``metadata.json``  ``{"sharded_backend": "torch_dist", ...}`` -- what megatron-core checks first.
-``common.pt``      non-sharded state (iteration, args, ...), written by rank 0 with ``torch.save``.
-``.metadata``      a pickled ``torch.distributed.checkpoint.metadata.Metadata``:
-                   ``state_dict_metadata[key]`` is a ``TensorStorageMetadata`` (dtype, global
-                   size, stored chunks as (offsets, sizes)) or a ``BytesStorageMetadata`` (an
-                   opaque object: TE ``_extra_state``, RNG state, ...); ``storage_data`` maps
-                   ``MetadataIndex(key, chunk offsets)`` to ``_StorageInfo(relative_path,
-                   offset, length)``. megatron-core adds ``all_local_plans`` (the save plans).
-``*.distcp``       items back to back. A tensor chunk item is a ``torch.save`` of that chunk
-                   (a zip archive) at ``[offset, offset + length)``; a bytes item is raw bytes
-                   (megatron-core stores ``torch.save([object, ...])`` there). This is what
-                   ``torch.distributed.checkpoint.filesystem._write_item`` writes and
-                   ``FileSystemReader.read_data`` reads (``torch.load`` of the byte range).
+``merge``  floating-point model tensors: ``sum_i w_i * chunk_i`` (see ``accumulate``),
+           and the optimizer's fp32 master weights in every layout megatron-core saves
+           (``fp32_param``, fully reshardable ``param``, dp_reshardable bucket ``param``
+           -- see :mod:`.distributed_optimizer`; the gaps between parameters in a bucket
+           are copied);
+``copy``   taken from the reference unchanged: optimizer state (``optimizer.*`` keys, so the
+           merge can resume training), non-float tensors, opaque objects (TE ``_extra_state``,
+           RNG state, ...), and ``common.pt`` / ``metadata.json``;
+``drop``   optimizer state with ``model_only`` (its sharded keys, and the ``optimizer`` /
+           ``opt_param_scheduler`` entries of ``common.pt``, which is then re-saved).
 
-Writing mirrors ``_write_item``: ``torch.save(tensor, stream)`` at the stream's position, the
-new ``(offset, length)`` recorded in a fresh ``storage_data``; ``.metadata`` is pickled the way
-``FileSystemWriter.finish`` does. So torch's and megatron-core's own readers load the output.
-
-Safety: every pickled part is read by :mod:`megatron_merge.safe_load`: ``.metadata`` with a
-restricted unpickler that only resolves DCP metadata classes; tensor items with
-``torch.load(weights_only=True)`` (the merge has torch parse the item that way, then reads its
-data record into a reused buffer); bytes items and ``common.pt`` are parsed the same way
-(:meth:`TorchDistCheckpoint.check_opaque_parts`) before the merge copies them byte for byte
-(or, when optimizer state is dropped, saves ``common.pt`` again without its optimizer entries).
+The output keeps the reference's chunking and file layout: same ``.distcp`` names, same items
+in each file, in the same order. A work item is one output ``.distcp`` file. Each merged chunk
+is assembled from whichever stored chunks of each input overlap it, so inputs saved under
+different parallel layouts (TP=2, then TP=1) merge too. ``.metadata`` is written last, from the
+storage entries every process returns, in plan order (so the bytes never depend on who wrote
+which file).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import io
-import json
-import logging
-import os
-import pickle
 import re
-import struct
-import sys
+import shutil
 import uuid
-import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    StorageMeta,
-    TensorStorageMetadata,
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+from megatron_merge.accumulate import (
+    PieceBuffers,
+    PiecePart,
+    merge_piece,
+    numel,
+    region_within,
+    resolve_accumulate_dtype,
 )
+from megatron_merge.errors import MergeError
+from megatron_merge.formats import is_extra_state
+from megatron_merge.formats.base import (
+    Action,
+    FormatPlan,
+    ItemWriter,
+    MergeSettings,
+    PlanOptions,
+    human_bytes,
+)
+from megatron_merge.formats.dcp import (
+    COMMON_FILE,
+    DCP_METADATA_FILE,
+    DistcpFileWriter,
+    StoredItem,
+    TorchDistCheckpoint,
+    output_metadata,
+    write_dcp_metadata,
+)
+from megatron_merge.formats.distributed_optimizer import (
+    bucket_gap_chunks,
+    check_same_bucket_layout,
+    is_bucket_master_key,
+)
+from megatron_merge.record import MERGE_RECORD_FILE
+from megatron_merge.safe_load import load_torch
 
-from megatron_merge.accumulate import PieceBuffers, intersect
-from megatron_merge.errors import MergeError, UnsafeCheckpointError
-from megatron_merge.safe_load import DCP_METADATA_FILE, check_objects, load_torch, read_dcp_metadata
+OPTIMIZER_PREFIX = "optimizer."
+# megatron-core's names for the optimizer's fp32 master copy of each parameter: the mixed-precision
+# optimizer's `fp32_param`, the distributed optimizer's (fully reshardable) `param`.
+MASTER_WEIGHT_PREFIXES = ("optimizer.state.fp32_param.", "optimizer.state.param.")
+# megatron-core prefixes optimizer keys with `chained_N.` when it splits the optimizer (MoE) unless
+# told not to; checkpoints written that way (e.g. by Megatron-LM) must not be averaged as weights.
+_CHAINED_OPTIMIZER_KEY = re.compile(r"^chained_\d+\.optimizer\.")
+# The in-training merger's own state (snapshots, EMA accumulator) inside `pretrain` checkpoints:
+# training state like the optimizer's, never a model weight to average.
+MERGE_STATE_PREFIX = "merge_state."
+# Non-sharded optimizer entries of common.pt (Megatron-LM and `pretrain` both write these);
+# a loader that finds them expects optimizer tensors too, so --model-only removes them.
+COMMON_OPTIMIZER_KEYS = ("optimizer", "opt_param_scheduler", "merge_state_meta")
 
-logger = logging.getLogger(__name__)
-
-CONFIG_FILE = "metadata.json"
-COMMON_FILE = "common.pt"
-BACKEND = "torch_dist"
-
-
-def write_dcp_metadata(checkpoint_dir: str | Path, metadata: Metadata) -> None:
-    """Pickle ``metadata`` to ``<checkpoint_dir>/.metadata`` as ``FileSystemWriter.finish`` does."""
-    path = Path(checkpoint_dir) / DCP_METADATA_FILE
-    tmp = path.with_name(DCP_METADATA_FILE + ".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(metadata, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.rename(path)
+# Input bytes the merge asks the kernel to read ahead of the chunk it is merging (see
+# _Readahead): enough to cover a few chunks' merge time, small next to any page cache.
+READAHEAD_BYTES = 256 * 2**20
 
 
 # --------------------------------------------------------------------------------------------
-# The checkpoint: what it stores and where
+# The plan
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class StoredChunk:
-    """One chunk of a tensor as stored: global ``offsets``/``sizes`` and its file byte range."""
+class ItemPlan:
+    """What to do with one item of the reference input (and so of the output)."""
 
+    index: MetadataIndex
+    action: Action  # MERGE or COPY
     key: str
-    offsets: tuple[int, ...]
-    sizes: tuple[int, ...]
-    index: MetadataIndex
-    storage: _StorageInfo
+    offsets: tuple[int, ...] | None  # None for bytes items
+    sizes: tuple[int, ...] | None
+    nbytes: int  # stored length in the reference input
 
 
 @dataclass(frozen=True)
-class StoredItem:
-    """One item of a ``.distcp`` file: a tensor chunk or a bytes object."""
+class FilePlan:
+    """One output ``.distcp`` file (a work item): its name and items, in the reference's order."""
 
-    index: MetadataIndex
-    storage: _StorageInfo
-
-    @property
-    def key(self) -> str:
-        return self.index.fqn
+    name: str
+    items: tuple[ItemPlan, ...]
 
     @property
-    def is_tensor(self) -> bool:
-        return self.index.offset is not None
+    def nbytes(self) -> int:
+        return sum(item.nbytes for item in self.items)
 
 
-class TorchDistCheckpoint:
-    """A ``torch_dist`` checkpoint directory opened for reading (metadata only until asked)."""
+@dataclass
+class TorchDistPlan(FormatPlan):
+    """Everything decided about a torch_dist merge before writing a byte."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.config = self._read_config()
-        self.metadata = read_dcp_metadata(self.path)
-        self._chunks: dict[str, list[StoredChunk]] = {}
-        self._chunk_index: dict[tuple[str, tuple[int, ...]], StoredChunk] = {}
-        self._file_sizes: dict[str, int] = {}
-        self._index_items()
+    checkpoints: list[TorchDistCheckpoint] = field(repr=False)
+    reference: int
+    files: list[FilePlan]
+    merged_keys: dict[str, str]  # key -> dtype
+    copied_keys: dict[str, str]  # key -> why it is copied from the reference
+    dropped_keys: dict[str, str]  # key -> why it is left out
+    dropped_common_entries: list[str]  # optimizer entries left out of common.pt (model_only)
+    inputs_with_other_layout: list[str]
+    output_dtypes: dict[str, torch.dtype]  # merged keys stored in another dtype (--save-dtype)
+    bytes_to_read: int
+    peak_bytes_per_worker: int
+    trust_inputs: bool = False  # opaque parts copied unparsed
+    format: str = "torch_dist"
 
-    # -- opening -------------------------------------------------------------------------------
+    @property
+    def work_items(self) -> list[FilePlan]:
+        return self.files
 
-    def _read_config(self) -> dict:
-        config_path = self.path / CONFIG_FILE
-        if not self.path.is_dir():
-            raise MergeError(f"{self.path}: no such checkpoint directory")
-        if not config_path.exists():
-            raise MergeError(
-                f"{self.path}: not a megatron-core distributed checkpoint (no {CONFIG_FILE})"
-            )
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, ValueError) as err:
-            raise MergeError(f"{config_path}: unreadable ({err})") from None
-        backend = config.get("sharded_backend") if isinstance(config, dict) else None
-        if backend != BACKEND:
-            raise MergeError(
-                f"{config_path}: sharded_backend is {backend!r}; only {BACKEND!r} is supported"
-            )
-        return config
+    def describe_lines(self) -> list[str]:
+        n_chunks = sum(1 for f in self.files for i in f.items if i.action is Action.MERGE)
+        lines = [
+            f"layout from {self.reference_checkpoint.path}: {len(self.files)} .distcp files, "
+            f"{n_chunks} merged chunks",
+            f"keys: {len(self.merged_keys)} merged, {len(self.copied_keys)} copied from it, "
+            f"{len(self.dropped_keys)} dropped",
+        ]
+        if self.output_dtypes:
+            lines.append(f"saved as {next(iter(self.output_dtypes.values()))}: "
+                         f"{len(self.output_dtypes)} merged model keys")
+        if self.inputs_with_other_layout:
+            lines.append("inputs saved under a different layout (resharded on the fly):")
+            lines += [f"  {p}" for p in self.inputs_with_other_layout]
+        lines.append(
+            f"projected peak memory per worker: {human_bytes(self.peak_bytes_per_worker)} "
+            f"(largest chunk working set, on top of the Python/torch process baseline)")
+        return lines
 
-    def _index_items(self) -> None:
-        storage = self.metadata.storage_data
-        for key, meta in self.metadata.state_dict_metadata.items():
-            if isinstance(meta, TensorStorageMetadata):
-                chunks = []
-                for position, chunk in enumerate(meta.chunks):
-                    index = MetadataIndex(key, chunk.offsets, position)
-                    info = storage.get(index)
-                    if info is None:
-                        raise MergeError(
-                            f"{self.path / DCP_METADATA_FILE}: key {key!r} chunk at offsets "
-                            f"{tuple(chunk.offsets)} has no storage entry"
-                        )
-                    chunks.append(
-                        StoredChunk(key, tuple(chunk.offsets), tuple(chunk.sizes), index, info)
-                    )
-                self._chunks[key] = chunks
-                self._chunk_index.update({(key, c.offsets): c for c in chunks})
-            elif not isinstance(meta, BytesStorageMetadata):
-                raise MergeError(
-                    f"{self.path / DCP_METADATA_FILE}: key {key!r} has unknown storage type "
-                    f"{type(meta).__name__}"
-                )
-        for index, info in storage.items():
-            meta = self.metadata.state_dict_metadata.get(index.fqn)
-            is_chunk = isinstance(meta, TensorStorageMetadata) and index.offset is not None
-            if not (is_chunk or (isinstance(meta, BytesStorageMetadata) and index.offset is None)):
-                raise MergeError(
-                    f"{self.path / DCP_METADATA_FILE}: storage entry for key {index.fqn!r} "
-                    f"(offsets {index.offset}) matches no tensor chunk or object in the metadata"
-                )
-            if is_chunk and (index.fqn, tuple(index.offset)) not in self._chunk_index:
-                raise MergeError(
-                    f"{self.path / DCP_METADATA_FILE}: key {index.fqn!r} has a stored item at "
-                    f"offsets {tuple(index.offset)} that is not one of its chunks"
-                )
-            name = info.relative_path
-            if not name or name != os.path.basename(name) or name in (".", ".."):
-                raise MergeError(
-                    f"{self.path / DCP_METADATA_FILE}: key {index.fqn!r} points at file "
-                    f"{name!r}, not a plain file name inside the checkpoint"
-                )
-            if getattr(info, "transform_descriptors", None):
-                raise MergeError(
-                    f"{self.path / name}: key {index.fqn!r} is stored with transforms "
-                    f"{info.transform_descriptors} (e.g. compression); not supported"
-                )
+    def record_fields(self) -> dict:
+        return {
+            "inputs_with_other_layout": self.inputs_with_other_layout,
+            "merged": self.merged_keys,
+            "optimizer_merged": sorted(k for k in self.merged_keys if is_optimizer_key(k)),
+            "copied_from_newest": self.copied_keys,
+            "dropped": self.dropped_keys,
+            "dropped_from_common_pt": self.dropped_common_entries,
+            "files_copied_from_newest": extra_files(self.reference_checkpoint.path),
+            "trust_inputs": self.trust_inputs,
+        }
 
-    # -- what is stored ------------------------------------------------------------------------
+    def finish(self, out_dir: Path, results: dict[str, Any], checkpoint_id: str,
+               settings: MergeSettings) -> None:
+        source = self.reference_checkpoint
+        storage_data: dict[MetadataIndex, _StorageInfo] = {}
+        for file_plan in self.files:  # plan order, whoever wrote the file
+            storage_data.update(results[file_plan.name])
+        # Derived, not random: the same merge to the same place gives the same bytes.
+        save_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{checkpoint_id}|{settings!r}"))
+        metadata = output_metadata(
+            source.metadata, storage_data, set(self.dropped_keys), checkpoint_id=checkpoint_id,
+            save_id=save_id, dtypes=self.output_dtypes,
+        )
+        write_dcp_metadata(out_dir, metadata)
+        for extra in extra_files(source.path):
+            path = source.path / extra
+            if extra == COMMON_FILE and self.dropped_common_entries:
+                _write_common_without_optimizer(source, out_dir / COMMON_FILE)
+            elif path.is_dir():
+                shutil.copytree(path, out_dir / extra, symlinks=True)
+            else:
+                shutil.copy2(path, out_dir / extra)
 
-    def keys(self) -> list[str]:
-        return list(self.metadata.state_dict_metadata)
+    def verify(self, out_dir: Path, settings: MergeSettings, samples: int, seed: int) -> int:
+        from megatron_merge.verify import verify_dcp_merge
 
-    def tensor_metadata(self, key: str) -> TensorStorageMetadata | None:
-        meta = self.metadata.state_dict_metadata.get(key)
-        return meta if isinstance(meta, TensorStorageMetadata) else None
-
-    def chunks(self, key: str) -> list[StoredChunk]:
-        return self._chunks[key]
-
-    def chunk_at(self, key: str, offsets: tuple[int, ...]) -> StoredChunk:
-        """The stored chunk of ``key`` that starts at ``offsets``."""
-        return self._chunk_index[key, tuple(offsets)]
-
-    def chunks_overlapping(
-        self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]
-    ) -> Iterator[tuple[StoredChunk, list[int], list[int]]]:
-        """Stored chunks of ``key`` that overlap the box, each with the overlap's offsets/sizes."""
-        for chunk in self._chunks[key]:
-            overlap = intersect(chunk.offsets, chunk.sizes, offsets, sizes)
-            if overlap is not None:
-                yield chunk, overlap[0], overlap[1]
-
-    def items_by_file(self) -> dict[str, list[StoredItem]]:
-        """Every stored item, grouped by ``.distcp`` file, in file order."""
-        by_file: dict[str, list[StoredItem]] = {}
-        for index, info in self.metadata.storage_data.items():
-            by_file.setdefault(info.relative_path, []).append(StoredItem(index, info))
-        for items in by_file.values():
-            items.sort(key=lambda item: item.storage.offset)
-        return dict(sorted(by_file.items()))
-
-    def check_stored(self, storage: _StorageInfo, key: str) -> None:
-        """Raise if the item's byte range is not inside its file (missing or truncated file)."""
-        name = storage.relative_path
-        size = self._file_sizes.get(name)
-        if size is None:
-            try:
-                size = (self.path / name).stat().st_size
-            except FileNotFoundError:
-                raise MergeError(f"{self.path / name}: missing (holds key {key!r})") from None
-            if not os.access(self.path / name, os.R_OK):
-                raise MergeError(
-                    f"{self.path / name}: not readable (permission denied; holds key {key!r}); "
-                    f"make it readable (chmod u+r) and run again"
-                )
-            self._file_sizes[name] = size
-        if storage.offset < 0 or storage.length < 0 or storage.offset + storage.length > size:
-            raise MergeError(
-                f"{self.path / name}: truncated: key {key!r} is stored at bytes "
-                f"[{storage.offset}, {storage.offset + storage.length}) but the file has {size} bytes"
-            )
-
-    def check_files(self) -> None:
-        """Raise unless every item the metadata lists lies inside its file (missing or truncated
-        ``.distcp`` files), whether or not a merge reads that item."""
-        for index, info in self.metadata.storage_data.items():
-            self.check_stored(info, index.fqn)
-
-    def check_opaque_parts(self) -> None:
-        """Parse ``common.pt`` and every bytes item with the safe reader; raise if one is refused
-        or unreadable. A merge copies these byte for byte, so it checks them first."""
-        self.load_common()
-        check_objects(self.path, self.metadata)
-
-    def load_common(self) -> dict:
-        """``common.pt`` read by the safe reader (:func:`~megatron_merge.safe_load.load_torch`:
-        Megatron-LM's ``args`` and megatron-core's safe classes are allowed). Raises
-        :class:`MergeError` if it holds anything else."""
-        path = self.path / COMMON_FILE
-        common = load_torch(path)
-        if not isinstance(common, dict):
-            raise MergeError(f"{path}: holds {type(common).__name__}, expected a dict")
-        return common
-
-    def iteration(self) -> int | None:
-        """``iteration`` from common.pt when it is readable; else None (a peek only). A
-        common.pt holding a refused class raises even here: that input is hostile."""
-        try:
-            value = self.load_common().get("iteration")
-        except UnsafeCheckpointError:
-            raise
-        except MergeError as err:
-            logger.debug("%s: no iteration from %s (%s)", self.path, COMMON_FILE, err)
-            return None
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-    # -- reading items -------------------------------------------------------------------------
-
-    def read_chunk(self, chunk: StoredChunk, buffers: PieceBuffers | None = None) -> torch.Tensor:
-        """Load one stored chunk, checked against the metadata's dtype and sizes.
-
-        With ``buffers`` the values land in their reused ``"input"`` buffer (see
-        :func:`_load_into_buffer`) and are valid until the next read with the same buffers.
-        """
-        self.check_stored(chunk.storage, chunk.key)
-        file = self.path / chunk.storage.relative_path
-        where = f"{file} (key {chunk.key!r}, chunk offsets {chunk.offsets})"
-        try:
-            with open(file, "rb") as f:
-                view = _ByteRangeReader(f, chunk.storage.offset, chunk.storage.length)
-                tensor = _load_into_buffer(view, buffers) if buffers is not None else None
-                if tensor is None:
-                    view.seek(0)
-                    tensor = torch.load(view, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - a blob that does not load is corrupt
-            raise MergeError(f"{where}: corrupt item ({type(err).__name__}: {err})") from None
-        expected_dtype = self.metadata.state_dict_metadata[chunk.key].properties.dtype
-        if not isinstance(tensor, torch.Tensor):
-            raise MergeError(f"{where}: corrupt item (holds {type(tensor).__name__}, not a tensor)")
-        if tensor.dtype != expected_dtype or tuple(tensor.shape) != chunk.sizes:
-            raise MergeError(
-                f"{where}: corrupt item: holds {tensor.dtype} {tuple(tensor.shape)}, "
-                f"metadata says {expected_dtype} {chunk.sizes}"
-            )
-        return tensor
-
-    def prefetch(self, storage: _StorageInfo) -> None:
-        """Start reading an item's bytes into the page cache and return at once (a hint).
-
-        The merge asks for the next item's chunks while it works on the current one, so the
-        disk reads them while the CPU merges; a plain read of a freshly opened file gets only
-        the kernel's synchronous readahead, one window at a time.
-        """
-        _fadvise(self.path / storage.relative_path, storage.offset, storage.length, _WILLNEED)
-
-    def copy_item_bytes(self, item: StoredItem, out: BinaryIO, block: int = 1 << 24) -> None:
-        """Copy an item's raw bytes to ``out`` in bounded blocks (bytes objects are opaque)."""
-        self.check_stored(item.storage, item.key)
-        with open(self.path / item.storage.relative_path, "rb") as f:
-            f.seek(item.storage.offset)
-            left = item.storage.length
-            while left:
-                data = f.read(min(block, left))
-                if not data:
-                    raise MergeError(
-                        f"{self.path / item.storage.relative_path}: truncated while copying "
-                        f"key {item.key!r}"
-                    )
-                out.write(data)
-                left -= len(data)
+        return verify_dcp_merge(self, out_dir, settings, samples=samples, seed=seed)
 
 
-def _load_into_buffer(view: "_ByteRangeReader", buffers: PieceBuffers) -> torch.Tensor | None:
-    """``torch.load`` of a one-tensor item, with the tensor's bytes read into a reused buffer.
+def is_optimizer_key(key: str) -> bool:
+    return key.startswith(OPTIMIZER_PREFIX) or _CHAINED_OPTIMIZER_KEY.match(key) is not None
 
-    torch.load allocates fresh memory for every item, which the OS page-faults in again each
-    time (see :class:`PieceBuffers`). Here torch still parses the item -- its pickle, with
-    ``weights_only``'s checks -- but under ``skip_data``, which leaves the storage unread and
-    untouched; the zip directory says where the one storage record lies, and one ``readinto``
-    fills the buffer. Returns None for an item not laid out that way, or one it cannot parse
-    (the caller then uses plain ``torch.load``, which names what is wrong with a corrupt item).
+
+def classify_key(key: str, meta, model_only: bool) -> tuple[Action, str]:
+    """Decide MERGE / COPY / DROP for a key of the reference input, with the reason."""
+    unchained = _unchained(key)
+    if unchained.startswith(MASTER_WEIGHT_PREFIXES):
+        if model_only:
+            return Action.DROP, "optimizer state (--model-only)"
+        # fp32 master weights: the optimizer copies them back into the model when training
+        # resumes, so they are merged like the weights or the merge would be undone.
+        return Action.MERGE, f"fp32 master weights ({meta.properties.dtype})"
+    if is_bucket_master_key(unchained):
+        if model_only:
+            return Action.DROP, "optimizer state (--model-only)"
+        return Action.MERGE, "fp32 master weights, distributed optimizer buckets (dp_reshardable)"
+    if is_optimizer_key(key):
+        if model_only:
+            return Action.DROP, "optimizer state (--model-only)"
+        return Action.COPY, "optimizer state"
+    if key.startswith(MERGE_STATE_PREFIX):
+        if model_only:
+            return Action.DROP, "in-training merge state (--model-only)"
+        return Action.COPY, "in-training merge state"
+    if isinstance(meta, BytesStorageMetadata):
+        return Action.COPY, "opaque object"
+    if is_extra_state(key):
+        return Action.COPY, "extra state"
+    dtype = meta.properties.dtype
+    if not dtype.is_floating_point:
+        return Action.COPY, f"non-float tensor ({dtype})"
+    return Action.MERGE, str(dtype)
+
+
+def _unchained(key: str) -> str:
+    """``key`` without the ``chained_N.`` prefix a split (chained) optimizer adds."""
+    return key.split(".", 1)[1] if _CHAINED_OPTIMIZER_KEY.match(key) else key
+
+
+def plan_format(checkpoints: list[TorchDistCheckpoint], options: PlanOptions) -> TorchDistPlan:
+    """Check the inputs (oldest first) and decide what happens to every item of the reference.
+
+    Every input's files are checked against its metadata. The opaque parts the output copies
+    (``common.pt``, bytes items, other ``.pt`` files) are parsed by the safe reader first
+    unless ``options.trust_inputs``, which copies them unread.
     """
-    skip_data = getattr(torch.serialization, "skip_data", None)  # torch >= 2.5
-    if skip_data is None:
-        return None
-    try:
-        with skip_data():
-            layout = torch.load(view, map_location="cpu", weights_only=True)
-        record = _storage_record(view) if isinstance(layout, torch.Tensor) else None
-    except Exception:  # noqa: BLE001 - left to plain torch.load to report
-        return None
-    if record is None or record[1] != layout.untyped_storage().nbytes():
-        return None
-    start, nbytes = record
-    raw = buffers.empty("input", (nbytes,), torch.uint8)
-    view.seek(start)
-    if nbytes and view.readinto(raw.numpy()) != nbytes:
-        return None  # short: torch.load reports the truncated item
-    return raw.view(layout.dtype).as_strided(layout.shape, layout.stride(), layout.storage_offset())
+    ref_index = options.reference % len(checkpoints)
+    source = checkpoints[ref_index]
+    others = [c for i, c in enumerate(checkpoints) if i != ref_index]
+    if not (source.path / COMMON_FILE).exists():
+        raise MergeError(f"{source.path / COMMON_FILE}: missing; not a complete torch_dist checkpoint")
+    for ckpt in checkpoints:
+        ckpt.check_files()
+    if not options.trust_inputs:
+        source.check_opaque_parts()
+        for ckpt in others:  # not copied, but a hostile or damaged input is refused
+            if (ckpt.path / COMMON_FILE).exists():
+                ckpt.load_common()
+        for extra in extra_files(source.path):
+            if extra != COMMON_FILE and extra.endswith((".pt", ".pth")) and (source.path / extra).is_file():
+                load_torch(source.path / extra)
 
+    model_only = options.model_only
+    actions = {key: classify_key(key, meta, model_only)
+               for key, meta in source.metadata.state_dict_metadata.items()}
+    dropped_common = []
+    if model_only:  # common.pt is rewritten without its optimizer entries: it must be readable
+        dropped_common = [k for k in COMMON_OPTIMIZER_KEYS if k in source.load_common()]
+    merged = {k: why for k, (action, why) in actions.items() if action is Action.MERGE}
+    buckets = [key for key in merged if is_bucket_master_key(_unchained(key))]
+    for ckpt in others:
+        for key in buckets:
+            if key in ckpt.metadata.state_dict_metadata:
+                check_same_bucket_layout(ckpt, source, key)
+    _check_inputs_agree(source, others, merged, model_only)
+    gaps = {key: bucket_gap_chunks(source, key) for key in buckets}
+    other_layout = [str(c.path) for c in others
+                    if any(_boxes(c, key) != _boxes(source, key) for key in merged)]
+    output_dtypes = {}
+    if options.save_dtype is not None:
+        output_dtypes = {
+            key: options.save_dtype for key in merged
+            if not is_optimizer_key(key) and source.tensor_metadata(key).properties.dtype != options.save_dtype
+        }
 
-def _storage_record(view: "_ByteRangeReader") -> tuple[int, int] | None:
-    """(start, length) inside the item of its one storage record (``<archive>/data/<key>``),
-    if it is stored uncompressed in little-endian byte order; else None."""
-    if sys.byteorder != "little":
-        return None
-    view.seek(0)
-    with zipfile.ZipFile(view) as archive:
-        infos = archive.infolist()
-        records = [i for i in infos if re.fullmatch(r"[^/]+/data/[^/]+", i.filename)]
-        byteorder = [i for i in infos if i.filename.endswith("/byteorder")]
-        if byteorder and archive.read(byteorder[0]) != b"little":
-            return None
-    if len(records) != 1 or records[0].compress_type != zipfile.ZIP_STORED:
-        return None
-    record = records[0]
-    view.seek(record.header_offset)
-    header = view.read(zipfile.sizeFileHeader)
-    if len(header) != zipfile.sizeFileHeader or header[:4] != zipfile.stringFileHeader:
-        return None
-    name_length, extra_length = struct.unpack("<HH", header[26:30])  # after the fixed fields
-    start = record.header_offset + zipfile.sizeFileHeader + name_length + extra_length
-    return start, record.file_size
-
-
-class _ByteRangeReader(io.RawIOBase):
-    """A seekable read-only view of ``[offset, offset + length)`` of an open binary file.
-
-    ``torch.load`` reads the item's zip archive through it without copying the item first.
-    """
-
-    def __init__(self, base: BinaryIO, offset: int, length: int):
-        super().__init__()
-        self._base, self._start, self._length, self._pos = base, offset, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            new = pos
-        elif whence == io.SEEK_CUR:
-            new = self._pos + pos
-        elif whence == io.SEEK_END:
-            new = self._length + pos
-        else:
-            raise ValueError(f"bad whence {whence}")
-        self._pos = max(0, min(new, self._length))
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        want = min(len(buffer), self._length - self._pos)
-        if want <= 0:
-            return 0
-        self._base.seek(self._start + self._pos)
-        got = self._base.readinto(memoryview(buffer)[:want])
-        self._pos += got or 0
-        return got or 0
-
-    def read(self, size: int = -1) -> bytes:
-        left = self._length - self._pos
-        size = left if size is None or size < 0 else min(size, left)
-        if size <= 0:
-            return b""
-        self._base.seek(self._start + self._pos)
-        data = self._base.read(size)
-        self._pos += len(data)
-        return data
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
-
-
-# posix_fadvise advice (Linux; elsewhere the hints are skipped). WILLNEED starts readahead of
-# a range; DONTNEED starts writeback of its dirty pages (WB_SYNC_NONE: no waiting) and drops
-# its clean ones -- neither changes what is read or written.
-_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
-_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
-
-
-def _fadvise(path: Path, offset: int, length: int, advice: int | None) -> None:
-    if advice is None:
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # a hint only: reading the item reports a missing file properly
-    try:
-        _fadvise_fd(fd, offset, length, advice)
-    finally:
-        os.close(fd)
-
-
-def _fadvise_fd(fd: int, offset: int, length: int, advice: int | None) -> None:
-    if advice is None or length <= 0:
-        return
-    try:
-        os.posix_fadvise(fd, offset, length, advice)
-    except OSError:
-        pass  # a hint only
-
-
-class DistcpFileWriter:
-    """Writes one ``.distcp`` file item by item, returning each item's new ``_StorageInfo``."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._file = open(self.path, "wb")
-
-    def write_tensor(self, tensor: torch.Tensor) -> _StorageInfo:
-        # torch.save writes a tensor's whole storage: give it a compact, contiguous one.
-        if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
-            tensor = tensor.contiguous().clone()
-        offset = self._file.tell()
-        torch.save(tensor, self._file)
-        return self._written(offset)
-
-    def copy_item(self, source: TorchDistCheckpoint, item: StoredItem) -> _StorageInfo:
-        offset = self._file.tell()
-        source.copy_item_bytes(item, self._file)
-        return self._written(offset)
-
-    def _written(self, offset: int) -> _StorageInfo:
-        """The storage entry of the item just written from ``offset``; starts its writeback.
-
-        Without the nudge, the kernel keeps the whole file dirty until the fsync in
-        :meth:`close` and then writes it while the merge waits; started per item, the writes
-        overlap with reading and merging the next items.
-        """
-        length = self._file.tell() - offset
-        self._file.flush()
-        _fadvise_fd(self._file.fileno(), offset, length, _DONTNEED)
-        return _StorageInfo(self.path.name, offset, length)
-
-    def close(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-
-    def __enter__(self) -> "DistcpFileWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if exc[0] is None:
-            self.close()
-        else:
-            self._file.close()
-
-
-def output_metadata(
-    template: Metadata,
-    storage_data: dict[MetadataIndex, _StorageInfo],
-    dropped_keys: set[str],
-    checkpoint_id: str,
-) -> Metadata:
-    """The output's ``.metadata``: the template's (newest input's) minus dropped keys, new storage.
-
-    Everything else -- chunking, dtypes, planner data, megatron-core's ``all_local_plans`` --
-    stays as the newest input had it, so the output looks like a checkpoint saved at its layout.
-    """
-    state_dict_metadata = {
-        k: v for k, v in template.state_dict_metadata.items() if k not in dropped_keys
-    }
-    planner_data = template.planner_data
-    if isinstance(planner_data, dict):
-        planner_data = {k: v for k, v in planner_data.items() if k not in dropped_keys}
-    metadata = dataclasses.replace(
-        template,
-        state_dict_metadata=state_dict_metadata,
-        planner_data=planner_data,
-        storage_data=dict(storage_data),
-        storage_meta=StorageMeta(checkpoint_id=checkpoint_id, save_id=str(uuid.uuid4())),
+    sizing = _Sizing(options.accumulate_itemsize)
+    files = []
+    for name, items in source.items_by_file().items():
+        planned = tuple(
+            _plan_item(item, _item_action(item, actions, gaps), checkpoints, ref_index, sizing)
+            for item in items
+            if actions[item.key][0] is not Action.DROP
+        )
+        if planned:
+            files.append(FilePlan(name, planned))
+    return TorchDistPlan(
+        checkpoints=checkpoints,
+        reference=ref_index,
+        files=files,
+        merged_keys=merged,
+        copied_keys={k: why for k, (action, why) in actions.items() if action is Action.COPY},
+        dropped_keys={k: why for k, (action, why) in actions.items() if action is Action.DROP},
+        dropped_common_entries=dropped_common,
+        inputs_with_other_layout=other_layout,
+        output_dtypes=output_dtypes,
+        bytes_to_read=sizing.bytes_to_read,
+        peak_bytes_per_worker=sizing.peak_bytes,
+        trust_inputs=options.trust_inputs,
     )
-    # Attributes megatron-core sets on the instance beyond the dataclass fields.
-    for name, value in vars(template).items():
-        if name in {f.name for f in dataclasses.fields(Metadata)}:
-            continue
-        if name == "all_local_plans" and isinstance(value, list) and dropped_keys:
-            value = [
-                dataclasses.replace(
-                    plan, items=[i for i in plan.items if i.index.fqn not in dropped_keys]
+
+
+def _item_action(item: StoredItem, actions: dict, gaps: dict) -> Action:
+    """The key's action, except for the gaps of a distributed-optimizer bucket (copied)."""
+    if item.is_tensor and tuple(item.index.offset) in gaps.get(item.key, ()):
+        return Action.COPY
+    return actions[item.key][0]
+
+
+@dataclass
+class _Sizing:
+    """Running totals while planning: bytes to read and the largest per-chunk working set."""
+
+    acc_itemsize: int
+    bytes_to_read: int = 0
+    peak_bytes: int = 0
+
+
+def _plan_item(item: StoredItem, action: Action, checkpoints: list[TorchDistCheckpoint],
+               ref_index: int, sizing: _Sizing) -> ItemPlan:
+    """Plan one item of the reference input: check every byte it needs is there, and size it."""
+    source = checkpoints[ref_index]
+    source.check_stored(item.storage, item.key)
+    if not item.is_tensor:
+        sizing.bytes_to_read += item.storage.length
+        return ItemPlan(item.index, Action.COPY, item.key, None, None, item.storage.length)
+    chunk = source.chunk_at(item.key, tuple(item.index.offset))
+    planned = ItemPlan(item.index, action, item.key, chunk.offsets, chunk.sizes, item.storage.length)
+    itemsize = source.tensor_metadata(item.key).properties.dtype.itemsize
+    n = numel(chunk.sizes)
+    if action is Action.COPY:
+        sizing.bytes_to_read += item.storage.length
+        sizing.peak_bytes = max(sizing.peak_bytes, 2 * n * itemsize)
+        return planned
+    largest_input_chunk = 0
+    for ckpt in checkpoints:
+        covered = 0
+        for stored, _, overlap_sizes in ckpt.chunks_overlapping(item.key, chunk.offsets, chunk.sizes):
+            ckpt.check_stored(stored.storage, stored.key)
+            sizing.bytes_to_read += stored.storage.length
+            largest_input_chunk = max(largest_input_chunk, numel(stored.sizes) * itemsize)
+            covered += numel(overlap_sizes)
+        if covered != n:
+            raise MergeError(
+                f"{ckpt.path}: key {item.key!r}: stored chunks cover {covered} of the {n} "
+                f"elements at offsets {chunk.offsets} (overlapping or missing chunks)"
+            )
+    # accumulator + converted term + loaded input chunk and its read buffer + cast result
+    working_set = 2 * n * sizing.acc_itemsize + 2 * largest_input_chunk + n * itemsize
+    sizing.peak_bytes = max(sizing.peak_bytes, working_set)
+    return planned
+
+
+def _check_inputs_agree(source: TorchDistCheckpoint, others: list[TorchDistCheckpoint],
+                        merged: dict[str, str], model_only: bool) -> None:
+    """Every input has exactly the reference's merged keys, with equal shapes and dtypes."""
+    for ckpt in others:
+        where = ckpt.path / DCP_METADATA_FILE
+        for key in merged:
+            meta = ckpt.metadata.state_dict_metadata.get(key)
+            ref = source.tensor_metadata(key)
+            if meta is None:
+                raise MergeError(f"{where}: key {key!r} is missing (present in {source.path})")
+            if ckpt.tensor_metadata(key) is None:
+                raise MergeError(f"{where}: key {key!r} is not a tensor (it is in {source.path})")
+            if tuple(meta.size) != tuple(ref.size):
+                raise MergeError(
+                    f"{where}: key {key!r} has global shape {tuple(meta.size)}, "
+                    f"{source.path} has {tuple(ref.size)}"
                 )
-                for plan in value
-            ]
-        setattr(metadata, name, value)
-    return metadata
+            if meta.properties.dtype != ref.properties.dtype:
+                raise MergeError(
+                    f"{where}: key {key!r} has dtype {meta.properties.dtype}, "
+                    f"{source.path} has {ref.properties.dtype}"
+                )
+        for key, meta in ckpt.metadata.state_dict_metadata.items():
+            if key not in merged and classify_key(key, meta, model_only)[0] is Action.MERGE:
+                raise MergeError(
+                    f"{where}: key {key!r} is not a merged tensor in {source.path}"
+                )
+
+
+def _boxes(ckpt: TorchDistCheckpoint, key: str) -> set[tuple]:
+    return {(c.offsets, c.sizes) for c in ckpt.chunks(key)}
+
+
+def extra_files(checkpoint_dir: Path) -> list[str]:
+    """Files of the reference copied as they are: common.pt, metadata.json, anything else
+    that is not DCP data (which we regenerate) or a previous merge record."""
+    skip = {DCP_METADATA_FILE, MERGE_RECORD_FILE}
+    return sorted(
+        p.name for p in checkpoint_dir.iterdir()
+        if p.name not in skip and not p.name.endswith(".distcp")
+    )
+
+
+def _write_common_without_optimizer(source: TorchDistCheckpoint, target: Path) -> None:
+    common = source.load_common()
+    for key in COMMON_OPTIMIZER_KEYS:
+        common.pop(key, None)
+    torch.save(common, target)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing work items
+# --------------------------------------------------------------------------------------------
+
+
+def item_writer(settings: MergeSettings,
+                checkpoints: Sequence[TorchDistCheckpoint] | None = None) -> "TorchDistItemWriter":
+    """A writer for this process; opens the inputs unless ``checkpoints`` are given."""
+    if checkpoints is None:
+        checkpoints = [TorchDistCheckpoint(p) for p in settings.input_paths]
+    return TorchDistItemWriter(list(checkpoints), settings)
+
+
+class TorchDistItemWriter(ItemWriter):
+    """Writes output ``.distcp`` files; returns each item's new storage entry."""
+
+    def __init__(self, checkpoints: list[TorchDistCheckpoint], settings: MergeSettings):
+        self.checkpoints = checkpoints
+        self.settings = settings
+        self.source = checkpoints[settings.reference]
+        self.acc_dtype = resolve_accumulate_dtype(settings.accumulate_dtype)
+        self.buffers = PieceBuffers()  # reused across chunks
+
+    def write(self, item: FilePlan, out_dir: Path) -> list[tuple[MetadataIndex, _StorageInfo]]:
+        results = []
+        readahead = _Readahead(self, item.items)
+        with DistcpFileWriter(Path(out_dir) / item.name) as writer:
+            for position, piece in enumerate(item.items):
+                readahead.ask_beyond(position)
+                if piece.offsets is None:
+                    stored = StoredItem(piece.index, self.source.metadata.storage_data[piece.index])
+                    info = writer.copy_item(self.source, stored)
+                elif piece.action is Action.COPY:
+                    stored_chunk = self.source.chunk_at(piece.key, piece.offsets)
+                    info = writer.write_tensor(self.source.read_chunk(stored_chunk, self.buffers))
+                else:
+                    info = writer.write_tensor(self._merge_chunk(piece))
+                results.append((piece.index, info))
+        return results
+
+    def _merge_chunk(self, item: ItemPlan) -> torch.Tensor:
+        """One output chunk from the overlapping stored chunks of every input."""
+
+        def parts_of_input(i: int) -> Iterator[PiecePart]:
+            ckpt = self.checkpoints[i]
+            for stored, offsets, sizes in ckpt.chunks_overlapping(item.key, item.offsets, item.sizes):
+                # Into the reused input buffer: merge_piece is done with a part before asking
+                # for the next, and the result has its own buffer.
+                values = ckpt.read_chunk(stored, self.buffers)
+                if tuple(sizes) != stored.sizes:
+                    values = values[region_within(offsets, sizes, stored.offsets)]
+                origin = (
+                    f"{ckpt.path / stored.storage.relative_path} (key {item.key!r}, "
+                    f"chunk offsets {stored.offsets})"
+                )
+                yield PiecePart(region_within(offsets, sizes, item.offsets), values, origin)
+
+        source_dtype = self.source.tensor_metadata(item.key).properties.dtype
+        return merge_piece(
+            item.sizes, self.settings.output_dtype(source_dtype, not is_optimizer_key(item.key)),
+            self.settings.weights, parts_of_input, self.acc_dtype, self.settings.allow_nonfinite,
+            describe_piece=f"key {item.key!r} chunk at offsets {item.offsets}",
+            ema_alpha=self.settings.ema_alpha,
+            buffers=self.buffers,  # the chunk is written before the next one is merged
+        )
+
+
+class _Readahead:
+    """Asks the kernel to read the input chunks of the items after the one being merged, up to
+    ``READAHEAD_BYTES`` ahead (page-cache hints; see :meth:`TorchDistCheckpoint.prefetch`).
+
+    The disk then stays busy while the CPU merges -- also while the merge waits for a CPU on
+    a busy host -- instead of idling until the next read asks for data.
+    """
+
+    def __init__(self, writer: TorchDistItemWriter, items: Sequence[ItemPlan]):
+        self.writer, self.items, self.asked = writer, items, 0  # items[:asked] were asked for
+        self.ahead = 0  # input bytes asked for beyond the current item
+
+    def ask_beyond(self, position: int) -> None:
+        """Called before merging ``items[position]``: keep the window ahead of it full."""
+        if self.asked <= position:  # the first item, or one the window did not reach
+            self.ahead = 0
+            self._ask(position)
+            self.asked = position + 1
+        else:
+            self.ahead -= self._input_bytes(self.items[position])
+        # At least the next item, then more while the window has room.
+        while self.asked < len(self.items) and (
+            self.asked == position + 1 or self.ahead < READAHEAD_BYTES
+        ):
+            self.ahead += self._ask(self.asked)
+            self.asked += 1
+
+    def _ask(self, position: int) -> int:
+        item = self.items[position]
+        if item.offsets is None:
+            return 0  # bytes items are small
+        for ckpt in self._sources(item):
+            for stored, _, _ in ckpt.chunks_overlapping(item.key, item.offsets, item.sizes):
+                ckpt.prefetch(stored.storage)
+        return self._input_bytes(item)
+
+    def _sources(self, item: ItemPlan) -> list[TorchDistCheckpoint]:
+        return self.writer.checkpoints if item.action is Action.MERGE else [self.writer.source]
+
+    def _input_bytes(self, item: ItemPlan) -> int:
+        return 0 if item.offsets is None else item.nbytes * len(self._sources(item))
