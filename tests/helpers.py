@@ -120,3 +120,74 @@ def run_cli(args) -> tuple[int, str]:
         except SystemExit as exc:
             code = exc.code
     return code, err.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# One merge, every way of running it
+# ------------------------------------------------------------------------------------------------
+
+MERGE_WAYS = ("one_process", "two_workers", "torchrun_2x2")
+
+
+def torchrun_merge(args: Sequence, nodes: int = 2, procs_per_node: int = 2,
+                   timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """``megatron-merge args`` under torchrun: ``nodes`` launchers on this host (simulated
+    nodes, static rendezvous), ``procs_per_node`` ranks each. Returns each launcher's result."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    launchers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
+             "--nproc-per-node", str(procs_per_node), "--node-rank", str(node),
+             "--master-addr", "127.0.0.1", "--master-port", str(port),
+             "-m", "megatron_merge", *map(str, args), "--no-progress"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+        )
+        for node in range(nodes)
+    ]
+    results = []
+    for launcher in launchers:
+        try:
+            out, err = launcher.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            out, err = launcher.communicate()
+        results.append(subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err))
+    return results
+
+
+def merge_every_way(args: Sequence, root: Path) -> dict[str, Path]:
+    """The same ``megatron-merge`` (``args`` without ``--out``) run in one process, with
+    ``--workers 2``, and under torchrun on 2 simulated nodes x 2 ranks; way -> output.
+
+    Each writes ``root/out`` (so the paths recorded inside are equal) and is moved aside.
+    """
+    outputs = {}
+    for way in MERGE_WAYS:
+        out = root / "out"
+        if way == "torchrun_2x2":
+            launches = torchrun_merge([*args, "--out", out])
+            for launch in launches:
+                assert launch.returncode == 0, launch.stderr[-3000:]
+        else:
+            workers = "1" if way == "one_process" else "2"
+            code, err = run_cli([*args, "--workers", workers, "--out", out])
+            assert code == 0, err
+        outputs[way] = out.rename(root / way)
+    return outputs
+
+
+def assert_same_bytes(a: Path, b: Path) -> None:
+    """Two output directories hold the same files with the same bytes (``merge.json``: the
+    same content but for its creation time)."""
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for name in files_a:
+        if name.name == "merge.json":
+            record_a, record_b = (json.loads((d / name).read_text()) for d in (a, b))
+            record_a.pop("created"), record_b.pop("created")
+            assert record_a == record_b, name
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs between {a} and {b}"

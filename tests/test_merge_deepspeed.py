@@ -165,6 +165,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from megatron_merge.errors import MergeError  # noqa: E402
 from megatron_merge.offline import merge_checkpoints  # noqa: E402
+from helpers import assert_same_bytes, merge_every_way  # noqa: E402
 
 BUFFER = "temperature"
 
@@ -318,6 +319,17 @@ def test_file_layout_record_and_copied_state(ds_runs, merged_runs):
     assert type(new["optimizer_state_dict"]["loss_scaler"]) is type(src["optimizer_state_dict"]["loss_scaler"])
     assert new["optimizer_state_dict"]["zero_stage"] == src["optimizer_state_dict"]["zero_stage"]
     assert load_raw(out / "mp_rank_00_model_states.pt")["global_steps"] == SAVE_STEPS[-1]
+
+
+@pytest.mark.slow  # 2 spawned workers and 4 torchrun ranks, each importing torch and DeepSpeed
+def test_every_way_of_running_writes_the_same_bytes(ds_runs, tmp_path):
+    """One process, --workers 2 and torchrun on 2 simulated nodes x 2 ranks (one rank idle:
+    ZeRO-2 at world size 2 has 3 files)."""
+    tags = [tag_dir(ds_runs / "z2", s) for s in SAVE_STEPS]
+    outputs = merge_every_way(["--method", "ema", "--alpha", "0.3", *tags], tmp_path)
+    one = outputs.pop("one_process")
+    for out in outputs.values():
+        assert_same_bytes(one, out)
 
 
 @pytest.mark.slow  # spawns worker processes, each importing torch and DeepSpeed
