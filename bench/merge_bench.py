@@ -5,6 +5,7 @@
                                                      # writing the inputs; --dir reuses them)
     python bench/merge_bench.py --inputs 4 --total-gib 12 --workers 1 2 --repeat 3
     python bench/merge_bench.py --real RUN_DIR --last 3
+    python bench/merge_bench.py --total-gib 3 --workers 1 --ranks 1 2 4 --skip-naive
 
 One invocation measures, on the same inputs:
 
@@ -12,7 +13,11 @@ One invocation measures, on the same inputs:
            chunks into one reused buffer, then write one file the size of one input's
            ``.distcp`` files and fsync it. Our merge fsyncs every file it writes (plus
            ``.metadata`` and the directory), so the floor fsyncs too. No parsing, no arithmetic.
-``ours``   ``megatron_merge.offline.merge_checkpoints`` (SMA), once per ``--workers`` count.
+``ours``   ``megatron_merge.offline.merge_checkpoints`` (SMA), once per ``--workers`` count, and
+           once per ``--ranks`` count as ``torchrun --nproc-per-node R -m megatron_merge`` (the
+           work items spread over R gloo ranks; its time is the merge's own, as rank 0 logs it:
+           from planning to publishing, interpreter start and imports excluded like the others;
+           the launch's whole wall time is in its JSON line as ``launch_seconds``).
 ``naive``  what users do today: ``dist_checkpointing.load_plain_tensors`` on each input (in a
            gloo world of 1), ``acc += w_i * x_i.float()`` in memory for every float tensor,
            cast back to the source dtype, ``torch.save`` of the plain state dict to one file,
@@ -360,8 +365,63 @@ def warm_page_cache(inputs: list[Path]) -> None:
                         pass
 
 
+def measure_ranks(inputs: list[Path], scratch: Path, cold: bool, ranks: int) -> dict:
+    """``torchrun --nproc-per-node ranks -m megatron_merge``: the merge's time as rank 0 logs it,
+    the launch's wall time, CPU of every process, and the sampled peak RSS of all ranks."""
+    import re
+    import resource
+
+    import psutil
+
+    out = scratch / f"out_ranks{ranks}"
+    if cold:
+        drop_page_cache()
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    port = _free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+               "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "megatron_merge",
+               "--workers", "1", "--no-progress", "--out", str(out), *map(str, inputs)]
+    cpu_before = sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), f) for f in ("ru_utime", "ru_stime"))
+    started = time.perf_counter()
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak = 0
+    tree = psutil.Process(launcher.pid)
+    while launcher.poll() is None:
+        try:
+            peak = max(peak, sum(p.memory_info().rss for p in [tree, *tree.children(recursive=True)]))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    stdout, stderr = launcher.communicate()
+    launch_seconds = time.perf_counter() - started
+    cpu = sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), f) for f in ("ru_utime", "ru_stime")) - cpu_before
+    try:
+        found = re.search(r"merged \d+ checkpoints into .* in ([0-9.]+) s", stderr)
+        if launcher.returncode != 0 or not found:
+            raise SystemExit(f"torchrun with {ranks} ranks failed:\n{stdout[-2000:]}\n{stderr[-4000:]}")
+        bytes_read = sum(checkpoint_bytes(c) for c in inputs)
+        return {"seconds": float(found.group(1)), "launch_seconds": launch_seconds, "cpu_seconds": cpu,
+                "peak_rss": peak, "baseline_rss": None, "loadavg_1m": os.getloadavg()[0],
+                "bytes_read": bytes_read, "bytes_written": checkpoint_bytes(inputs[-1])}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def measure(method: str, inputs: list[Path], scratch: Path, cold: bool, workers: int = 1) -> dict:
-    """Run one method in a fresh interpreter; return its measurement."""
+    """Run one method in a fresh interpreter; return its measurement (``ranks``: under torchrun
+    with ``workers`` ranks)."""
+    if method == "ranks":
+        return measure_ranks(inputs, scratch, cold, workers)
     out = scratch / f"out_{method}_w{workers}"
     if cold:
         drop_page_cache()
@@ -392,7 +452,7 @@ def log(message: str) -> None:
 
 # Table columns: header, width, format of the value.
 COLUMNS = [
-    ("method", 17, "{}"), ("wall s", 8, "{:.2f}"), ("GiB/s", 7, "{:.3f}"), ("CPU s", 7, "{:.1f}"),
+    ("method", 26, "{}"), ("wall s", 8, "{:.2f}"), ("GiB/s", 7, "{:.3f}"), ("CPU s", 7, "{:.1f}"),
     ("read GiB", 9, "{:.2f}"), ("peak RSS MiB", 13, "{:.0f}"), ("(+ growth)", 11, "{:+.0f}"),
     ("x floor", 8, "{:.2f}"), ("naive/this", 11, "{:.2f}"), ("naive/this", 11, "{:.1f}"),
 ]
@@ -414,7 +474,8 @@ def print_table(rows: list[dict], input_bytes: int) -> None:
     for r in rows:
         values = [
             r["name"], r["seconds"], input_bytes / GIB / r["seconds"], r["cpu_seconds"],
-            r["bytes_read"] / GIB, r["peak_rss"] / MIB, (r["peak_rss"] - r["baseline_rss"]) / MIB,
+            r["bytes_read"] / GIB, r["peak_rss"] / MIB,
+            None if r["baseline_rss"] is None else (r["peak_rss"] - r["baseline_rss"]) / MIB,  # all ranks: no baseline
             r["seconds"] / floor["seconds"],
             naive["seconds"] / r["seconds"] if naive else None,
             naive["peak_rss"] / r["peak_rss"] if naive else None,
@@ -481,6 +542,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--last", type=int, default=3, help="with --real: the newest N checkpoints")
     parser.add_argument("--workers", type=int, nargs="+",
                         help="our merge's worker counts (default: 1 2; with --quick: 1)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[],
+                        help="also merge under torchrun with each of these rank counts")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per method, interleaved; medians are reported")
     parser.add_argument("--skip-naive", action="store_true", help="leave out the naive way")
@@ -544,6 +607,7 @@ def main(argv=None) -> None:
             warm_page_cache(inputs)
         methods = [("floor", "floor", 1)]
         methods += [(f"ours ({w} worker{'s' * (w > 1)})", "ours", w) for w in args.workers]
+        methods += [(f"ours (torchrun {r} rank{'s' * (r > 1)})", "ranks", r) for r in args.ranks]
         if not args.skip_naive:
             methods.append(("naive", "naive", 1))
         rows = medians(run_all(methods, inputs, scratch, cold, args.repeat))

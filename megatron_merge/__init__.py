@@ -10,6 +10,7 @@ Python API::
 The command line is ``megatron-merge`` (:mod:`megatron_merge.cli`).
 """
 
+import warnings
 from importlib import metadata as _metadata
 
 try:
@@ -17,9 +18,20 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-from megatron_merge.errors import MergeError
-from megatron_merge.selection import CheckpointRef, select_checkpoints
-from megatron_merge.weights import METHODS, merge_weights
+
+def silence_fallback_warnings() -> None:
+    """Hide megatron-core's import-time warnings that Transformer Engine / apex are missing and
+    it falls back to torch implementations: noise on every command, on CPUs always (what a
+    training run uses is logged by ``pretrain.model`` instead; merging uses neither)."""
+    warnings.filterwarnings("ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed",
+                            category=UserWarning)
+
+
+silence_fallback_warnings()
+
+from megatron_merge.errors import MergeError  # noqa: E402
+from megatron_merge.selection import CheckpointRef, select_checkpoints  # noqa: E402
+from megatron_merge.weights import METHODS, merge_weights  # noqa: E402
 
 
 def __getattr__(name):

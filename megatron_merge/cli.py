@@ -135,10 +135,11 @@ def _int_list(text: str) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(  # other libraries' (megatron-core's) INFO chatter stays out
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     method = args.method or ("weights" if args.weights is not None else "sma")
     if method == "weights" and args.weights is None:
         parser.error("--method weights needs --weights W1,W2,... (one per checkpoint, oldest first)")
@@ -150,9 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         state_from = _state_from(args.state_from)
     except ValueError as err:
         parser.error(str(err))
-    rank = int(os.environ.get("RANK", "0"))
-    if rank != 0:  # under torchrun rank 0 speaks for the merge
-        logging.getLogger().setLevel(logging.WARNING)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 speaks for the merge
+        logger.setLevel(logging.WARNING)
     _warn_about_choices(args)
     try:
         return _run(args, method, state_from)
@@ -185,6 +185,12 @@ def _run(args: argparse.Namespace, method: str, state_from: str | int) -> int:
         check_output_path(args.out, [r.path for r in refs], force=True)
         plan = plan_merge(refs, method, **options)
         print(plan.describe())
+        if args.workers is None:
+            from megatron_merge.ranks import choose_workers
+
+            workers, why = choose_workers(len(plan.work_items), plan.bytes_to_read,
+                                          plan.peak_bytes_per_worker, plan.reference.path)
+            print(f"workers: {workers} ({why})")
         note = "; it exists: the merge needs --force to replace it" if exists and not args.force else ""
         print(f"output: {args.out} (dry run: nothing written{note})")
         return 0
@@ -196,11 +202,12 @@ def _run(args: argparse.Namespace, method: str, state_from: str | int) -> int:
     if result.plan is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     size = result.plan.bytes_to_write
+    unit = "rank" if os.environ.get("RANK") is not None else "process"
     logger.info(
         "merged %d checkpoints into %s in %.1f s (%.1f MiB/s, %d %s)%s",
         len(result.plan.inputs), result.out, result.seconds,
         size / 2**20 / max(result.seconds, 1e-9), result.workers,
-        "ranks" if os.environ.get("RANK") is not None and result.workers > 1 else "processes",
+        unit if result.workers == 1 else {"rank": "ranks", "process": "processes"}[unit],
         f"; verified {result.verified_chunks} chunks" if args.verify else "",
     )
     return 0

@@ -325,7 +325,7 @@ class _MergeJob:
         if workers is None:
             workers, why = choose_workers(len(plan.work_items), plan.bytes_to_read,
                                           plan.peak_bytes_per_worker, plan.reference.path)
-            logger.info("workers: %d (the least of: %s)", workers, why)
+            logger.info("workers: %d (%s; --workers P to choose)", workers, why)
         with atomic_output_dir(out) as tmp, self._progress(plan.work_items) as on_item:
             ckpt_tmp, ckpt_out = self._checkpoint_dirs(plan, tmp, out)
             if workers <= 1 or len(plan.work_items) <= 1:

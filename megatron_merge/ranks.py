@@ -90,15 +90,21 @@ def choose_workers(items: int, bytes_to_read: int, peak_bytes_per_worker: int,
     rotating disk, where parallel readers only add seeks.
     """
     cores = usable_cores()
-    by_bytes = max(1, bytes_to_read // BYTES_PER_AUTO_WORKER)
-    limits = {"cores": cores, "files": max(1, items), "GiB to read": by_bytes}
+    limits = {  # the most processes each consideration allows, and how to say it
+        "cores": (cores, f"{cores} usable cores"),
+        "items": (max(1, items), f"{items} output files"),
+        "size": (max(1, bytes_to_read // BYTES_PER_AUTO_WORKER),
+                 f"{bytes_to_read / 2**30:.2f} GiB to read, one process per "
+                 f"{BYTES_PER_AUTO_WORKER // 2**30} GiB"),
+    }
     available = _available_memory()
     if available is not None and peak_bytes_per_worker > 0:
-        limits["fit in free memory"] = max(1, available // (2 * peak_bytes_per_worker))
+        fit = max(1, available // (2 * peak_bytes_per_worker))
+        limits["memory"] = (fit, f"{fit} fit twice in free memory")
     if _on_rotating_disk(input_path):
-        limits["rotating disk"] = 1
-    workers = min(limits.values())
-    why = ", ".join(f"{value} {name}" for name, value in limits.items())
+        limits["disk"] = (1, "inputs on a rotating disk")
+    workers = min(limit for limit, _ in limits.values())
+    why = "; ".join(text for limit, text in limits.values() if limit == workers)
     return workers, why
 
 
