@@ -29,7 +29,7 @@ from tqdm import tqdm
 from megatron_merge.accumulate import MERGE_THREADS, resolve_accumulate_dtype, torch_threads
 from megatron_merge.atomic_output import atomic_output_dir, check_output_path
 from megatron_merge.errors import FailedOnAnotherRank, MergeError, os_error_message
-from megatron_merge.formats import format_module, input_format, open_checkpoint
+from megatron_merge.formats import format_module, input_format, item_writer, open_checkpoint
 from megatron_merge.formats.base import FormatPlan, MergeSettings, PlanOptions, human_bytes, resolve_save_dtype
 from megatron_merge.ranks import (
     RankGroup,
@@ -329,7 +329,7 @@ class _MergeJob:
         with atomic_output_dir(out) as tmp, self._progress(plan.work_items) as on_item:
             ckpt_tmp, ckpt_out = self._checkpoint_dirs(plan, tmp, out)
             if workers <= 1 or len(plan.work_items) <= 1:
-                writer = format_module(plan.format).item_writer(settings, plan.checkpoints)
+                writer = item_writer(settings, plan.checkpoints)
                 with torch_threads(MERGE_THREADS):
                     results = write_serially(writer, plan.work_items, ckpt_tmp, on_item)
             else:
@@ -359,7 +359,7 @@ class _MergeJob:
                 logger.info("merging on %d ranks", group.world_size)
                 with self._progress(plan.work_items, share_of=group) as on_item:
                     results = group.write_share(
-                        lambda: format_module(plan.format).item_writer(settings, plan.checkpoints),
+                        lambda: item_writer(settings, plan.checkpoints),
                         plan.work_items, ckpt_tmp, on_item)
                 phase = "finish"
                 verified = self._finish(plan, settings, results, tmp, ckpt_tmp, ckpt_out)
@@ -375,7 +375,7 @@ class _MergeJob:
         if message[0] == "failed":
             raise FailedOnAnotherRank(message[1])
         _, settings, items, ckpt_tmp = message
-        group.write_share(lambda: format_module(settings.format).item_writer(settings),
+        group.write_share(lambda: item_writer(settings),
                           items, Path(ckpt_tmp), on_item=lambda item: None)
         outcome = group.broadcast()
         if outcome[0] != "published":

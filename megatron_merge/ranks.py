@@ -156,10 +156,10 @@ def _init_worker(settings, threads: int) -> None:
     global _WORKER_WRITER
     import torch
 
-    from megatron_merge.formats import format_module
+    from megatron_merge.formats import item_writer
 
     torch.set_num_threads(threads)
-    _WORKER_WRITER = format_module(settings.format).item_writer(settings)
+    _WORKER_WRITER = item_writer(settings)
 
 
 def _write_in_worker(item, out_dir: str):

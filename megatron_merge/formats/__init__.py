@@ -99,3 +99,11 @@ def format_module(format: str) -> ModuleType:
     if format not in _MERGE_MODULES:
         raise MergeError(f"unknown checkpoint format {format!r}; one of {', '.join(FORMATS)}")
     return importlib.import_module(_MERGE_MODULES[format])
+
+
+def item_writer(settings, checkpoints: list | None = None):
+    """The writer of work items for the merge described by ``settings`` (a
+    :class:`~.base.MergeSettings`), in this process; opens the inputs unless given."""
+    if checkpoints is None:
+        checkpoints = [open_checkpoint(path, settings.format) for path in settings.input_paths]
+    return format_module(settings.format).item_writer(settings, checkpoints)

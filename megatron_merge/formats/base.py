@@ -8,11 +8,12 @@ module (see :func:`megatron_merge.formats.format_module`) for two things:
     output files, each written whole by one process (:class:`WorkItem`). Also what
     ``--dry-run`` prints, what ``merge.json`` records, and how the output is finished and
     verified (:class:`FormatPlan`).
-``item_writer(settings, checkpoints=None) -> ItemWriter``
-    Open the inputs in this process (or reuse ``checkpoints``) and write work items with the
-    shared merge loop (:func:`megatron_merge.accumulate.merge_piece`). The engine calls it in
-    the planning process, in local worker processes and on torchrun ranks alike; everything it
-    needs travels in :class:`MergeSettings`, which is small and picklable.
+``item_writer(settings, checkpoints) -> ItemWriter``
+    Write work items with the shared merge loop (:func:`megatron_merge.accumulate.merge_piece`)
+    from the opened inputs. The engine makes one in the planning process, in every local worker
+    process and on every torchrun rank (:func:`megatron_merge.formats.item_writer` opens the
+    inputs there); everything a writer needs travels in :class:`MergeSettings`, which is small
+    and picklable.
 
 Inputs are ordered oldest first. One of them is the *reference* (``options.reference``; the
 newest unless ``--state-from`` says otherwise): the output keeps its layout and files, and takes
@@ -29,6 +30,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from megatron_merge.accumulate import resolve_accumulate_dtype
 from megatron_merge.errors import MergeError
 
 # Output dtypes ``--save-dtype`` accepts for merged model weights.
@@ -97,6 +99,12 @@ class WorkItem(Protocol):
 
 class ItemWriter(ABC):
     """Writes work items of one merge in one process; inputs are opened once per process."""
+
+    def __init__(self, checkpoints: list, settings: MergeSettings):
+        self.checkpoints = checkpoints
+        self.settings = settings
+        self.source = checkpoints[settings.reference]  # the reference input
+        self.acc_dtype = resolve_accumulate_dtype(settings.accumulate_dtype)
 
     @abstractmethod
     def write(self, item: WorkItem, out_dir: Path) -> Any:

@@ -474,24 +474,13 @@ def _count_leaves(obj: Any) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def item_writer(settings: MergeSettings,
-                checkpoints: list[RankFileCheckpoint] | None = None) -> "RankFileItemWriter":
-    """A writer for this process; opens the inputs unless ``checkpoints`` are given."""
-    if checkpoints is None:
-        from megatron_merge.formats import open_checkpoint
-
-        checkpoints = [open_checkpoint(p, settings.format) for p in settings.input_paths]
+def item_writer(settings: MergeSettings, checkpoints: list[RankFileCheckpoint]) -> "RankFileItemWriter":
+    """This format's writer of work items, in this process."""
     return RankFileItemWriter(list(checkpoints), settings)
 
 
 class RankFileItemWriter(ItemWriter):
     """Writes output files: the reference input's tree with the merged slots replaced."""
-
-    def __init__(self, checkpoints: list[RankFileCheckpoint], settings: MergeSettings):
-        self.checkpoints = checkpoints
-        self.settings = settings
-        self.source = checkpoints[settings.reference]
-        self.acc_dtype = resolve_accumulate_dtype(settings.accumulate_dtype)
 
     def write(self, item: RankFilePlan, out_dir: Path) -> None:
         target = Path(out_dir) / item.name

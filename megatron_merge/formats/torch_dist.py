@@ -42,7 +42,6 @@ from megatron_merge.accumulate import (
     merge_piece,
     numel,
     region_within,
-    resolve_accumulate_dtype,
 )
 from megatron_merge.errors import MergeError
 from megatron_merge.formats import is_extra_state
@@ -418,11 +417,8 @@ def _write_common_without_optimizer(source: TorchDistCheckpoint, target: Path) -
 # --------------------------------------------------------------------------------------------
 
 
-def item_writer(settings: MergeSettings,
-                checkpoints: Sequence[TorchDistCheckpoint] | None = None) -> "TorchDistItemWriter":
-    """A writer for this process; opens the inputs unless ``checkpoints`` are given."""
-    if checkpoints is None:
-        checkpoints = [TorchDistCheckpoint(p) for p in settings.input_paths]
+def item_writer(settings: MergeSettings, checkpoints: Sequence[TorchDistCheckpoint]) -> "TorchDistItemWriter":
+    """This format's writer of work items, in this process."""
     return TorchDistItemWriter(list(checkpoints), settings)
 
 
@@ -430,10 +426,7 @@ class TorchDistItemWriter(ItemWriter):
     """Writes output ``.distcp`` files; returns each item's new storage entry."""
 
     def __init__(self, checkpoints: list[TorchDistCheckpoint], settings: MergeSettings):
-        self.checkpoints = checkpoints
-        self.settings = settings
-        self.source = checkpoints[settings.reference]
-        self.acc_dtype = resolve_accumulate_dtype(settings.accumulate_dtype)
+        super().__init__(checkpoints, settings)
         self.buffers = PieceBuffers()  # reused across chunks
 
     def write(self, item: FilePlan, out_dir: Path) -> list[tuple[MetadataIndex, _StorageInfo]]:
