@@ -30,6 +30,17 @@ one step of it that both the offline loop and the in-training merger call.
 
 Peak memory is the accumulator plus one input part and its converted copy: a few times the
 piece size, independent of model size.
+
+Where each part of the loop lives: :class:`PieceAccumulator` is the loop over inputs for one
+piece -- the arithmetic above, the check that an input's parts tile the piece, the NaN/Inf
+check, the accumulation dtype, the rounding back. :func:`merge_piece` drives one accumulator
+through all inputs of a piece (offline merging: ``megatron_merge.offline`` for torch_dist,
+``megatron_merge.formats.rank_files`` for legacy and DeepSpeed; the in-training merger's stored
+snapshots); the in-training merger's merges of saved checkpoints (``merge.storage: disk``,
+PMA-init, loss-spike recovery) hold one accumulator per owned parameter and feed them one
+checkpoint at a time, so each checkpoint is read once. :func:`ema_update` is also the step of
+the in-training running EMA, whose accumulator lives across the run. Formats only list, read
+and write the pieces.
 """
 
 from __future__ import annotations
@@ -118,30 +129,82 @@ def merge_piece(
     Raises:
         MergeError: an input's parts do not cover the piece, or hold NaN/Inf.
     """
-    if buffers is None:
-        acc = torch.zeros(tuple(shape), dtype=acc_dtype)
-    else:
-        acc = buffers.empty("accumulator", shape, acc_dtype).zero_()
-    piece_numel = acc.numel()
-    for i, weight in enumerate(weights):
-        weight_t = torch.tensor(weight, dtype=acc_dtype)
+    piece = PieceAccumulator(shape, out_dtype, weights, acc_dtype=acc_dtype, allow_nonfinite=allow_nonfinite,
+                             describe_piece=describe_piece, ema_alpha=ema_alpha, buffers=buffers)
+    for i in range(len(weights)):
+        piece.add(parts_of_input(i))
+    return piece.result()
+
+
+class PieceAccumulator:
+    """One piece's merge, fed one input at a time: what :func:`merge_piece` runs, for callers
+    that hold many pieces at once and read each input once for all of them (the in-training
+    merger reads a saved checkpoint's whole partition per collective load).
+
+    Arguments as :func:`merge_piece`'s. :meth:`add` takes input ``i``'s parts, oldest input
+    first; :meth:`result` gives the merged piece once every input is in. Memory: the
+    accumulator (allocated here) plus one part being added.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        out_dtype: torch.dtype,
+        weights: Sequence[float],
+        acc_dtype: torch.dtype = torch.float32,
+        allow_nonfinite: bool = False,
+        describe_piece: str = "piece",
+        ema_alpha: float | None = None,
+        buffers: PieceBuffers | None = None,
+    ) -> None:
+        self.shape = tuple(shape)
+        self.out_dtype = out_dtype
+        self.weights = list(weights)
+        self.acc_dtype = acc_dtype
+        self.allow_nonfinite = allow_nonfinite
+        self.describe_piece = describe_piece
+        self.ema_alpha = ema_alpha
+        self._buffers = buffers
+        if buffers is None:
+            self._acc = torch.zeros(self.shape, dtype=acc_dtype)
+        else:
+            self._acc = buffers.empty("accumulator", self.shape, acc_dtype).zero_()
+        self.added = 0  # inputs accumulated so far
+
+    def add(self, parts: Iterable[PiecePart]) -> None:
+        """Accumulate the next input (oldest first): ``parts`` cover the piece exactly once.
+
+        Raises:
+            MergeError: the parts do not cover the piece, or hold NaN/Inf.
+        """
+        i = self.added
+        if i >= len(self.weights):
+            raise ValueError(f"{self.describe_piece}: all {len(self.weights)} inputs are already added")
+        acc = self._acc
+        weight_t = torch.tensor(self.weights[i], dtype=self.acc_dtype)
         covered = 0
-        for part in parts_of_input(i):
-            check_finite(part.values, part.origin, allow_nonfinite)
-            if ema_alpha is None:
+        for part in parts:
+            check_finite(part.values, part.origin, self.allow_nonfinite)
+            if self.ema_alpha is None:
                 add_weighted(acc[part.region], part.values, weight_t)
             else:
-                ema_update(acc[part.region], part.values, ema_alpha, first=(i == 0))
+                ema_update(acc[part.region], part.values, self.ema_alpha, first=(i == 0))
             covered += part.values.numel()
             del part
-        if covered != piece_numel:
+        if covered != acc.numel():
             raise MergeError(
-                f"input {i + 1} covers {covered} of {piece_numel} elements of {describe_piece}; "
+                f"input {i + 1} covers {covered} of {acc.numel()} elements of {self.describe_piece}; "
                 f"its stored chunks do not tile the tensor"
             )
-    if buffers is None or out_dtype == acc_dtype:
-        return acc.to(out_dtype)
-    return buffers.empty("result", shape, out_dtype).copy_(acc)  # rounds as .to() does
+        self.added += 1
+
+    def result(self) -> torch.Tensor:
+        """The merged piece in ``out_dtype`` (round to nearest even), once every input is added."""
+        if self.added != len(self.weights):
+            raise ValueError(f"{self.describe_piece}: {self.added} of {len(self.weights)} inputs added")
+        if self._buffers is None or self.out_dtype == self.acc_dtype:
+            return self._acc.to(self.out_dtype)
+        return self._buffers.empty("result", self.shape, self.out_dtype).copy_(self._acc)  # rounds as .to() does
 
 
 class PieceBuffers:

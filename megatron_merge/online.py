@@ -4,10 +4,17 @@ Every ``interval`` iterations each rank takes a snapshot of the parameters it ho
 shard of its PP stage, its experts). Data-parallel replicas hold identical parameters, so each
 parameter's snapshots live on one replica only (its *owner*, chosen by size within the
 replica group): host memory is not duplicated across DP ranks. When merged weights are needed
-(an evaluation, a merged checkpoint) owners merge their parameters with the same arithmetic as
-the offline tool (:func:`megatron_merge.accumulate.merge_piece`, :func:`ema_update`) and
-broadcast the result to the other replicas of their group. No collective ever gathers
-weights across tensor, pipeline or expert partitions.
+(an evaluation, a merged checkpoint) owners merge their parameters and broadcast the result to
+the other replicas of their group. No collective ever gathers weights across tensor, pipeline or
+expert partitions.
+
+The arithmetic is the offline tool's, from one place (:mod:`megatron_merge.accumulate`):
+stored snapshots are merged by :func:`~megatron_merge.accumulate.merge_piece`, saved
+checkpoints (``storage: disk``, PMA-init, loss-spike recovery: :meth:`PartitionMerger.merge_checkpoints`)
+by one :class:`~megatron_merge.accumulate.PieceAccumulator` per owned parameter fed one
+checkpoint at a time, and the running EMA by :func:`~megatron_merge.accumulate.ema_update`.
+This module only decides which values go in: who owns what, where snapshots are kept, which
+checkpoints to read.
 
 Storage (``storage``):
 
@@ -34,7 +41,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_merge.accumulate import PiecePart, add_weighted, check_finite, ema_update, merge_piece
+from megatron_merge.accumulate import PieceAccumulator, PiecePart, ema_update, merge_piece, resolve_accumulate_dtype
 from megatron_merge.errors import MergeError
 from megatron_merge.weights import merge_weights
 
@@ -223,33 +230,40 @@ class PartitionMerger:
         return self.merge_checkpoints(directories, self.weights())
 
     def merge_checkpoints(self, directories: Sequence[Path], weights: Sequence[float],
-                          ema_alpha: Optional[float] = None) -> dict[str, torch.Tensor]:
+                          ema_alpha: Optional[float] = None, *, accumulate_dtype: str = "fp32",
+                          allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
         """Merge this rank's owned parameters from saved torch_dist checkpoints (oldest first).
 
         Each checkpoint is read once, only this rank's owned part of it (collective: every rank
-        calls it). The arithmetic is the offline tool's: a weighted sum, or the EMA recursion.
+        calls it), and fed to one :class:`~megatron_merge.accumulate.PieceAccumulator` per owned
+        parameter: the offline tool's arithmetic, checks and bits (a weighted sum, or the EMA
+        recursion with ``ema_alpha``). Memory: one accumulator per owned parameter plus one
+        checkpoint's owned part. ``accumulate_dtype`` is ``"fp32"`` or ``"fp64"``.
+
+        Raises:
+            MergeError: a directory is not a torch_dist checkpoint, or (unless
+                ``allow_nonfinite``) holds NaN/Inf in an owned parameter.
         """
         from megatron_merge import safe_dist_checkpointing
 
+        if len(directories) != len(weights):
+            raise MergeError(f"{len(directories)} checkpoints but {len(weights)} weights")
         owned = self.owned
-        acc = {s.name: torch.zeros(s.param.shape, dtype=torch.float32) for s in owned}
-        for i, directory in enumerate(directories):
-            directory = Path(directory)
+        acc_dtype = resolve_accumulate_dtype(accumulate_dtype)
+        pieces = {s.name: PieceAccumulator(s.param.shape, s.param.dtype, weights, acc_dtype=acc_dtype,
+                                           allow_nonfinite=allow_nonfinite, describe_piece=s.name,
+                                           ema_alpha=ema_alpha) for s in owned}
+        for directory in map(Path, directories):
             if not (directory / "metadata.json").is_file():
                 raise MergeError(f"{directory}: missing or not a torch_dist checkpoint (needed for merging)")
             request = {s.name: _retarget(s.sharded, s.sharded.key, torch.empty(s.param.shape, dtype=s.param.dtype),
                                          owner=True) for s in owned}
             loaded = safe_dist_checkpointing.load(request, directory)  # collective: every rank calls it
-            weight = torch.tensor(weights[i], dtype=torch.float32)
             for slot in owned:
-                values = loaded[slot.name]
-                check_finite(values, f"{directory} (key {slot.sharded.key!r})")
-                if ema_alpha is None:
-                    add_weighted(acc[slot.name], values, weight)
-                else:
-                    ema_update(acc[slot.name], values, ema_alpha, first=(i == 0))
+                origin = f"{directory} (key {slot.sharded.key!r})"
+                pieces[slot.name].add([PiecePart(_whole(slot.param), loaded.pop(slot.name), origin)])
             del loaded
-        return {s.name: acc[s.name].to(s.param.dtype) for s in owned}
+        return {name: piece.result() for name, piece in pieces.items()}
 
     def install(self, merged_owned: dict[str, torch.Tensor]) -> None:
         """Write merged values into the model: owners copy theirs, then broadcast to their replicas."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_merge.accumulate import PiecePart, intersect, merge_piece, region_within
+from megatron_merge.accumulate import PieceAccumulator, PiecePart, intersect, merge_piece, region_within
 from megatron_merge.errors import MergeError
 
 
@@ -69,6 +69,32 @@ def test_nonfinite_input_names_its_origin():
         merge_piece((2,), torch.float32, [0.5, 0.5], lambda i: whole(xs[i], "file-A" if i == 0 else "B"))
     got = merge_piece((2,), torch.float32, [0.5, 0.5], lambda i: whole(xs[i]), allow_nonfinite=True)
     assert torch.isinf(got[1])
+
+
+def test_pieces_fed_input_by_input_equal_merge_piece():
+    """Many pieces, each input read once for all of them (the in-training disk merge's order)."""
+    gen = torch.Generator().manual_seed(2)
+    inputs = [{name: torch.randn(5, 3, generator=gen) for name in "ab"} for _ in range(3)]
+    for ema_alpha in (None, 0.3):
+        pieces = {name: PieceAccumulator((5, 3), torch.float32, [0.2, 0.3, 0.5], ema_alpha=ema_alpha)
+                  for name in "ab"}
+        for x in inputs:
+            for name, piece in pieces.items():
+                piece.add(whole(x[name]))
+        for name, piece in pieces.items():
+            expected = merge_piece((5, 3), torch.float32, [0.2, 0.3, 0.5], lambda i: whole(inputs[i][name]),
+                                   ema_alpha=ema_alpha)
+            assert torch.equal(piece.result(), expected)
+
+
+def test_piece_accumulator_takes_exactly_its_inputs():
+    piece = PieceAccumulator((2,), torch.float32, [0.5, 0.5], describe_piece="w")
+    piece.add(whole(torch.ones(2)))
+    with pytest.raises(ValueError, match="w: 1 of 2 inputs"):
+        piece.result()
+    piece.add(whole(torch.ones(2)))
+    with pytest.raises(ValueError, match="already added"):
+        piece.add(whole(torch.ones(2)))
 
 
 def test_intersect():
