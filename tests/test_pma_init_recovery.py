@@ -69,6 +69,21 @@ def test_pma_init_with_explicit_weights_on_chosen_iterations(source_run, tmp_pat
                            reference_merge(inputs, key, [0.25, 0.75])), key
 
 
+def test_resume_with_a_fresh_optimizer_under_the_old_key(source_run, tmp_path):
+    """checkpoint.no_load_optim=true (now checkpoint.resume_optimizer=fresh): the resumed step is a
+    first Adam step (moments of one gradient), not the saved run's ninth."""
+    run_dir, _ = source_run
+    run = run_pretrain(tmp_path / "fresh", 2, ["parallel.tensor_model_parallel_size=2", "scheduler.style=constant",
+                                               f"checkpoint.load={run_dir / 'iter_0000008'}",
+                                               "checkpoint.no_load_optim=true", "train.train_iters=9"])
+    assert [r["iteration"] for r in run.metrics if "loss" in r] == [9]
+    key = next(k for k in model_keys(run_dir / "iter_0000008") if k.endswith("linear_fc2.weight"))
+    after = tmp_path / "fresh" / "iter_0000009"
+    m, v = (load_full(after, f"optimizer.state.{name}.{key}").double() for name in ("exp_avg", "exp_avg_sq"))
+    g = m / (1 - BETA1)
+    torch.testing.assert_close(v, (1 - BETA2) * g * g, rtol=1e-5, atol=1e-12)
+
+
 def test_pma_init_from_a_merged_checkpoint_keeping_its_optimizer(source_run, tmp_path):
     run_dir, offline = source_run
     run = run_pretrain(tmp_path / "cont", 2, ["parallel.pipeline_model_parallel_size=2", f"checkpoint.init_from={offline}",
