@@ -520,7 +520,10 @@ def _build(cls: type, data: dict, prefix: str, default: Any = None) -> Any:
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in names:
-            close = difflib.get_close_matches(str(name), names, n=1)
+            # A key of a nested section given one level up (recovery.weights: recovery.merge.weights).
+            nested = [f"{n}.{name}" for n in sorted(names) if dataclasses.is_dataclass(hints[n])
+                      and name in {f.name for f in dataclasses.fields(hints[n])}]
+            close = nested or difflib.get_close_matches(str(name), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise ConfigError(f"unknown key '{key}'{hint} (known in this section: {', '.join(sorted(names))})")
         tp = hints[name]

@@ -194,3 +194,10 @@ def test_init_merge_counts_its_iterations(tmp_path):
     cfg = config_from_dict({}, ["checkpoint.init_merge.enabled=true"])
     assert "checkpoint.init_merge.enabled needs checkpoint.init_from (a run directory)" in validation_errors(
         cfg, cuda_available=False)
+
+
+def test_a_selection_key_one_level_up_points_to_its_section():
+    with pytest.raises(ConfigError, match=r"unknown key 'recovery.weights'; did you mean 'recovery.merge.weights'\?"):
+        config_from_dict({}, ["recovery.weights=[1, 2]"])
+    with pytest.raises(ConfigError, match=r"unknown key 'checkpoint.every'; did you mean 'checkpoint.init_merge.every'"):
+        config_from_dict({}, ["checkpoint.every=2"])
