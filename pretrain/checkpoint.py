@@ -521,7 +521,7 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
         raise CheckpointError(
             f"{directory}: optimizer state was saved with use_distributed_optimizer={saved_dist_opt}, this run has "
             f"parallel.use_distributed_optimizer={cfg.parallel.use_distributed_optimizer}; "
-            "set checkpoint.no_load_optim=true to load the weights with a fresh optimizer"
+            "set checkpoint.resume_optimizer=fresh to load the weights with a fresh optimizer"
         )
     # megatron-core chains separate dense and expert optimizers only at EP > 1: across that
     # boundary the optimizer's non-tensor part is rebuilt for this run (see _adopt_optimizer_common).
@@ -533,7 +533,7 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
         raise CheckpointError(
             f"{directory}: distributed-optimizer state saved at expert_model_parallel_size={saved_ep} in a format "
             f"other than fully_reshardable cannot be loaded at EP={_layout()['expert_model_parallel_size']} "
-            "(megatron-core keys it by optimizer); set checkpoint.no_load_optim=true to load the weights "
+            "(megatron-core keys it by optimizer); set checkpoint.resume_optimizer=fresh to load the weights "
             "with a fresh optimizer"
         )
     if has_optimizer and cfg.parallel.use_distributed_optimizer:

@@ -16,6 +16,7 @@ and what is allowed.
 from __future__ import annotations
 
 import contextvars
+import copy
 import dataclasses
 import difflib
 import logging
@@ -32,6 +33,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from megatron_merge.weights import DEFAULT_EMA_ALPHA, METHODS
+
 
 class ConfigError(ValueError):
     """A run config that cannot be used; the message names the key and the fix."""
@@ -42,6 +45,54 @@ def doc(default: Any, help: str, **kwargs) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
+
+
+#: A merge method (megatron_merge/weights.py's METHODS: one list for the config, the CLI and the merge).
+MergeMethod = Literal[METHODS]
+
+#: Where a run's optimizer state comes from when it loads a checkpoint (resume, PMA-init, recovery):
+#: ``checkpoint`` = the loaded checkpoint's (Adam moments and step count), ``fresh`` = new state.
+OptimizerState = Literal["checkpoint", "fresh"]
+
+
+@dataclass
+class MergeSelection:
+    """Which checkpoints a merge takes and how it weighs them (formulas: megatron_merge/weights.py).
+
+    One type for the three merges of a run: the in-training merge (``merge``, whose section
+    extends it), PMA-init (``checkpoint.init_merge``) and loss-spike recovery (``recovery.merge``);
+    validated by one function wherever it is used.
+    """
+
+    method: MergeMethod = doc("sma", "Merge method, as megatron-merge --method.")
+    window: int = doc(3, "N: merge the newest N checkpoints.")
+    ema_alpha: float = doc(DEFAULT_EMA_ALPHA, "EMA factor in (0, 1] (method ema).")
+    weights: list = doc([], "Explicit weights, oldest first, one per merged checkpoint (method weights); when fewer "
+                            "are available the newest ones' weights are used, renormalised.")
+
+    def count(self) -> int:
+        """How many checkpoints the merge takes."""
+        return self.window
+
+    def count_key(self) -> str:
+        """The key that sets :meth:`count` (for messages)."""
+        return "window"
+
+
+@dataclass
+class InitMergeConfig(MergeSelection):
+    """PMA-init: merge saved checkpoints of ``checkpoint.init_from`` (a run directory) on the fly, each rank
+    its own partition, instead of loading one checkpoint as it is."""
+
+    enabled: bool = doc(False, "Merge init_from's checkpoints (else init_from is loaded as it is).")
+    every: int = doc(1, "Take every K-th saved iteration, counting back from the newest (the interval V).")
+    iterations: list = doc([], "Exactly these saved iterations (instead of window/every).")
+
+    def count(self) -> int:
+        return len(self.iterations) if self.iterations else self.window
+
+    def count_key(self) -> str:
+        return "iterations" if self.iterations else "window"
 
 
 @dataclass
@@ -249,23 +300,20 @@ class CheckpointConfig:
         False, "Write torch_dist checkpoints in the background (megatron-core's async save, Megatron-LM's "
         "--async-save): training goes on; the tracker moves when every rank's files are written.",
     )
-    no_load_optim: bool = doc(False, "Resume weights only; fresh optimizer state.")
+    resume_optimizer: OptimizerState = doc(
+        "checkpoint", "Optimizer state on resume (checkpoint.load, auto-resume): the checkpoint's, or fresh "
+        "(Megatron-LM's --no-load-optim)."
+    )
     no_load_rng: bool = doc(False, "Do not restore RNG states.")
     exit_after_save: bool = doc(False, "Stop after the first checkpoint save (for tests of crash/resume).")
     init_from: Optional[str] = doc(
         None,
         "Start a new phase (continued training, annealing, SFT) from these weights: a checkpoint directory "
-        "(e.g. a merged one), or a run directory merged on the fly per rank with init_merge_method.",
+        "(e.g. a merged one), or a run directory merged on the fly per rank with init_merge.enabled.",
     )
-    init_merge_method: Optional[Literal["sma", "ema", "wma", "wsm-linear", "wsm-minus-sqrt"]] = doc(
-        None, "Merge init_from's checkpoints on the fly (PMA-init); null = load init_from as it is."
-    )
-    init_merge_last: int = doc(3, "With init_merge_method: merge the newest N saved iterations.")
-    init_merge_every: int = doc(1, "With init_merge_method: take every K-th saved iteration (the interval V).")
-    init_merge_iterations: list = doc([], "With init_merge_method: exactly these iterations (instead of last/every).")
-    init_merge_alpha: float = doc(0.2, "EMA factor for init_merge_method: ema.")
-    init_optimizer: Literal["fresh", "checkpoint"] = doc(
-        "fresh", "Optimizer state for init_from: fresh Adam, or the newest input checkpoint's."
+    init_merge: InitMergeConfig = field(default_factory=InitMergeConfig)
+    init_optimizer: OptimizerState = doc(
+        "fresh", "Optimizer state for init_from: fresh, or the newest input checkpoint's."
     )
     init_keep_iteration: bool = doc(
         False, "Keep init_from's iteration counter and data position (default: start the new phase at 0)."
@@ -282,8 +330,11 @@ class LoggingConfig:
 
 
 @dataclass
-class MergeConfig:
+class MergeConfig(MergeSelection):
     """Checkpoint merging during training (PMA): each rank merges its own parameter partition.
+
+    method, window, ema_alpha and weights are the run's one merge selection (see MergeSelection);
+    ema is a running EMA over every snapshot, not only the window's.
 
     Memory per rank, in bytes per parameter of the rank's partition, with D data-parallel
     replicas sharing the work (each parameter's merge state lives on one replica) and b the
@@ -293,18 +344,13 @@ class MergeConfig:
     Materialising the merged weights (at evaluations and saves) briefly needs 2*b more.
     """
 
-    enabled: bool = doc(False, "Merge checkpoints during training.")
-    method: Literal["sma", "ema", "wma", "weights", "wsm-linear", "wsm-minus-sqrt"] = doc(
-        "sma", "Merge method (as megatron-merge --method). ema is a running EMA over every snapshot."
-    )
     window: int = doc(10, "N: merge the newest N snapshots (sma, wma, wsm-*, weights).")
+    enabled: bool = doc(False, "Merge checkpoints during training.")
     interval: Optional[int] = doc(None, "V in iterations: snapshot every this many iterations.")
     interval_tokens: Optional[float] = doc(
         None, "V in tokens, converted to iterations by global_batch_size x seq_length (instead of interval)."
     )
     start_iteration: int = doc(0, "No snapshots before this iteration (e.g. the end of warmup).")
-    ema_alpha: float = doc(0.2, "EMA factor in (0, 1] (method ema).")
-    weights: list = doc([], "Explicit weights, oldest first, one per window slot (method weights).")
     save: bool = doc(True, "Write merged checkpoints to <checkpoint.save>/merged/iter_N at each save.")
     eval: bool = doc(True, "Validation loss of the merged weights (val_loss_merged) at every evaluation.")
     storage: Literal["host", "device", "disk"] = doc(
@@ -338,11 +384,11 @@ class RecoveryConfig:
     grad_norm_factor: Optional[float] = doc(20.0, "Spike when the gradient norm exceeds this multiple of its running median; null = off.")
     patience: int = doc(3, "Consecutive anomalous iterations that make a spike.")
     baseline_window: int = doc(20, "Iterations in the running medians; detection starts once it is full.")
-    window: int = doc(3, "Good checkpoints to average (the paper used 3).")
-    method: Literal["sma", "ema", "wma", "wsm-linear", "wsm-minus-sqrt"] = doc("sma", "How to average them.")
-    ema_alpha: float = doc(0.2, "EMA factor (method ema).")
-    optimizer: Literal["reset", "keep"] = doc(
-        "reset", "reset = fresh Adam state; keep = the newest good checkpoint's optimizer state."
+    merge: MergeSelection = field(
+        default_factory=MergeSelection, metadata={"help": "The merge of the good checkpoints (the paper used the "
+                                                          "SMA of 3)."})
+    optimizer: OptimizerState = doc(
+        "fresh", "Optimizer state after the roll-back: fresh, or the newest good checkpoint's."
     )
     skip_data: bool = doc(True, "Skip the data seen since the restored checkpoint (do not replay it).")
     max_retries: int = doc(3, "Recoveries allowed in one run; one more spike stops the run with an error.")
@@ -366,11 +412,36 @@ class RunConfig:
     fault_injection: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
 
 
-#: Keys that moved, old -> new: still read (with a warning when set), so shipped configs keep working.
-RENAMED_KEYS = {
-    "scheduler.inject_spike_at": "fault_injection.lr_spike_at",
-    "scheduler.inject_spike_factor": "fault_injection.lr_spike_factor",
-    "scheduler.inject_spike_iters": "fault_injection.lr_spike_iters",
+@dataclass(frozen=True)
+class MovedKey:
+    """Where a deprecated key's value goes now.
+
+    ``values`` translates old values (e.g. ``True`` -> ``"fresh"``); without it the value moves as
+    it is. ``enables`` is a switch the old key implied by being non-null (the new section's
+    ``enabled``).
+    """
+
+    new: str
+    values: Optional[dict] = None
+    enables: Optional[str] = None
+
+
+#: Keys that moved or changed vocabulary, old -> new: still read (with a warning when set), so
+#: shipped configs and the run configs saved beside older checkpoints keep working.
+DEPRECATED_KEYS = {
+    "scheduler.inject_spike_at": MovedKey("fault_injection.lr_spike_at"),
+    "scheduler.inject_spike_factor": MovedKey("fault_injection.lr_spike_factor"),
+    "scheduler.inject_spike_iters": MovedKey("fault_injection.lr_spike_iters"),
+    "checkpoint.no_load_optim": MovedKey("checkpoint.resume_optimizer", values={True: "fresh", False: "checkpoint"}),
+    "checkpoint.init_merge_method": MovedKey("checkpoint.init_merge.method", enables="checkpoint.init_merge.enabled"),
+    "checkpoint.init_merge_last": MovedKey("checkpoint.init_merge.window"),
+    "checkpoint.init_merge_every": MovedKey("checkpoint.init_merge.every"),
+    "checkpoint.init_merge_iterations": MovedKey("checkpoint.init_merge.iterations"),
+    "checkpoint.init_merge_alpha": MovedKey("checkpoint.init_merge.ema_alpha"),
+    "recovery.window": MovedKey("recovery.merge.window"),
+    "recovery.method": MovedKey("recovery.merge.method"),
+    "recovery.ema_alpha": MovedKey("recovery.merge.ema_alpha"),
+    "recovery.optimizer": MovedKey("recovery.optimizer", values={"reset": "fresh", "keep": "checkpoint"}),
 }
 
 
@@ -438,24 +509,30 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _build(cls: type, data: dict, prefix: str) -> Any:
+def _build(cls: type, data: dict, prefix: str, default: Any = None) -> Any:
+    """``cls`` from ``data`` (keys checked, values coerced); unset keys keep ``default``'s values."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in names:
-            close = difflib.get_close_matches(str(name), names, n=1)
+            # A key of a nested section given one level up (recovery.weights: recovery.merge.weights).
+            nested = [f"{n}.{name}" for n in sorted(names) if dataclasses.is_dataclass(hints[n])
+                      and name in {f.name for f in dataclasses.fields(hints[n])}]
+            close = nested or difflib.get_close_matches(str(name), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise ConfigError(f"unknown key '{key}'{hint} (known in this section: {', '.join(sorted(names))})")
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value or {}, f"{key}.")
+            nested_default = getattr(default, name) if default is not None else fields[name].default_factory()
+            kwargs[name] = _build(tp, value or {}, f"{key}.", nested_default)
         else:
             kwargs[name] = _coerce(key, value, tp)
-    return cls(**kwargs)
+    return dataclasses.replace(default, **kwargs) if default is not None else cls(**kwargs)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -484,31 +561,99 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Build a RunConfig from a plain dict plus ``dotted.key=value`` overrides."""
-    tree = dict(data or {})
-    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    """Build a RunConfig from a plain dict plus ``dotted.key=value`` overrides (which win, also
+    when one names a deprecated key and the dict its new one)."""
+    tree = copy.deepcopy(dict(data or {}))
+    _move_deprecated_keys(tree)
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
-    _move_renamed_keys(tree)
+        single: dict = {}
+        _set_dotted(single, key, value)
+        _move_deprecated_keys(single)
+        _merge_tree(tree, single)
     return _build(RunConfig, tree, "")
 
 
-def _move_renamed_keys(tree: dict) -> None:
+def _merge_tree(tree: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge_tree(tree[key], value)
+        else:
+            tree[key] = value
+
+
+def _pop_dotted(tree: dict, dotted: str) -> tuple[bool, Any]:
+    *sections, last = dotted.split(".")
+    node = tree
+    for part in sections:
+        node = node.get(part)
+        if not isinstance(node, dict):
+            return False, None
+    if last not in node:
+        return False, None
+    return True, node.pop(last)
+
+
+def _get_dotted(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def _as_override(value: Any) -> str:
+    """``value`` as it would be written on the command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
+def _move_deprecated_keys(tree: dict) -> None:
+    """Rewrite DEPRECATED_KEYS in ``tree`` to their new keys and values (a new key set too wins)."""
     defaults = to_dict(RunConfig())
-    for old, new in RENAMED_KEYS.items():
-        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
-        section = tree.get(old_section)
-        if not isinstance(section, dict) or old_key not in section:
+    for old, move in DEPRECATED_KEYS.items():
+        found, value = _pop_dotted(tree, old)
+        if not found:
             continue
-        value = section.pop(old_key)
+        updates = _new_values(old, move, value)
+        if updates is None:  # the key kept its name and holds a new value
+            _set_dotted(tree, old, value)
+            continue
         # Saved run configs hold every key: only a value someone set is worth a warning.
-        if value != defaults[new_section][new_key]:
-            warnings.warn(f"{old} is deprecated: use {new}", DeprecationWarning, stacklevel=3)
-            logging.getLogger(__name__).warning("%s is deprecated: use %s", old, new)
-        target = tree.setdefault(new_section, {})
-        if isinstance(target, dict):
-            target.setdefault(new_key, value)
+        if any(v != _get_dotted(defaults, k) for k, v in updates.items()):
+            given = f"{old}: {_as_override(value)}" if move.values is not None else old
+            message = f"{given} is deprecated: use " + " ".join(f"{k}={_as_override(v)}" for k, v in updates.items())
+            warnings.warn(message, DeprecationWarning, stacklevel=3)
+            logging.getLogger(__name__).warning(message)
+        for key, new_value in updates.items():
+            _set_dotted_default(tree, key, new_value)
+
+
+def _new_values(old: str, move: MovedKey, value: Any) -> Optional[dict]:
+    """The new keys and values for ``old: value``; None when ``value`` is already new (same key)."""
+    if move.values is not None:
+        try:
+            value = move.values[value]
+        except (KeyError, TypeError):
+            if old == move.new:
+                return None
+            raise ConfigError(f"{old}: {value!r} is not one of {', '.join(map(_as_override, move.values))} "
+                              f"({old} is deprecated: use {move.new})") from None
+    if move.enables is None:
+        return {move.new: value}
+    return {move.enables: value is not None, **({move.new: value} if value is not None else {})}
+
+
+def _set_dotted_default(tree: dict, dotted: str, value: Any) -> None:
+    """Set ``dotted`` in ``tree`` unless it is set already."""
+    *sections, last = dotted.split(".")
+    node = tree
+    for part in sections:
+        if node.get(part) is None:  # absent, or an empty YAML section
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(sections)}: expected a mapping, got {node!r}")
+    node.setdefault(last, value)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -834,11 +979,31 @@ def _validate_schedule(cfg: RunConfig) -> None:
         )
 
 
+def _validate_selection(s: MergeSelection, key: str, fewest: int) -> None:
+    """The rules of every merge selection (``key``: merge, checkpoint.init_merge or recovery.merge)."""
+    _require(s.method in METHODS, f"{key}.method: {s.method!r} is not one of {', '.join(map(repr, METHODS))}")
+    n, count_key = s.count(), s.count_key()
+    if count_key == "window":
+        _require(s.window >= fewest, f"{key}.window: {s.window} must be >= {fewest}"
+                 + (" (merging needs at least 2 checkpoints)" if fewest == 2 else ""))
+    else:
+        _require(n >= fewest, f"{key}.{count_key}: {getattr(s, count_key)!r} must name at least {fewest}")
+    if s.method == "ema":
+        _require(_is_number(s.ema_alpha) and 0.0 < s.ema_alpha <= 1.0, f"{key}.ema_alpha: {s.ema_alpha} must be in (0, 1]")
+    if s.method == "weights":
+        numbers = all(_is_number(w) and math.isfinite(float(w)) and float(w) >= 0 for w in s.weights)
+        _require(len(s.weights) == n and numbers and sum(float(w) for w in s.weights) > 0,
+                 f"{key}.weights: {s.weights!r} must be {n} non-negative numbers, not all 0 (one per checkpoint of "
+                 f"{key}.{count_key}, oldest first)")
+    else:
+        _require(not s.weights, f"{key}.weights is only used with {key}.method: weights")
+
+
 def _validate_merge(cfg: RunConfig) -> None:
     m, c = cfg.merge, cfg.checkpoint
     if not m.enabled:
         return
-    _require(m.window >= 2, f"merge.window: {m.window} must be >= 2 (merging needs at least 2 snapshots)")
+    _validate_selection(m, "merge", fewest=2)
     _require((m.interval is None) != (m.interval_tokens is None),
              "merge: set exactly one of merge.interval (iterations) and merge.interval_tokens")
     if m.interval is not None:
@@ -847,14 +1012,7 @@ def _validate_merge(cfg: RunConfig) -> None:
         tokens = cfg.train.global_batch_size * cfg.train.seq_length
         _require(m.interval_tokens >= tokens,
                  f"merge.interval_tokens: {m.interval_tokens:g} is less than one iteration ({tokens} tokens)")
-    _require(0.0 < m.ema_alpha <= 1.0, f"merge.ema_alpha: {m.ema_alpha} must be in (0, 1]")
     _require(m.start_iteration >= 0, f"merge.start_iteration: {m.start_iteration} must be >= 0")
-    if m.method == "weights":
-        _require(len(m.weights) == m.window and all(_is_number(w) and float(w) >= 0 for w in m.weights)
-                 and sum(float(w) for w in m.weights) > 0,
-                 f"merge.weights: {m.weights!r} must be {m.window} non-negative numbers (one per window slot)")
-    else:
-        _require(not m.weights, "merge.weights is only used with merge.method: weights")
     if m.save:
         _require(c.save is not None, "merge.save needs checkpoint.save (merged checkpoints go to <save>/merged)")
     if m.storage == "disk":
@@ -919,12 +1077,14 @@ def _validate_init_and_recovery(cfg: RunConfig) -> None:
     if c.init_from is not None:
         _require(Path(c.init_from).exists(), f"checkpoint.init_from: {c.init_from} does not exist")
         _require(c.load is None, "checkpoint.init_from starts a new phase and checkpoint.load resumes one: set only one")
-    if c.init_merge_method is not None:
-        _require(c.init_from is not None, "checkpoint.init_merge_method needs checkpoint.init_from (a run directory)")
-        _require(c.init_merge_last >= 2 or len(c.init_merge_iterations) >= 2,
-                 f"checkpoint.init_merge_last: {c.init_merge_last} must be >= 2 (merging needs 2 checkpoints)")
-        _require(c.init_merge_every >= 1, f"checkpoint.init_merge_every: {c.init_merge_every} must be >= 1")
-        _require(0.0 < c.init_merge_alpha <= 1.0, f"checkpoint.init_merge_alpha: {c.init_merge_alpha} must be in (0, 1]")
+    if c.init_merge.enabled:
+        i = c.init_merge
+        _require(c.init_from is not None, "checkpoint.init_merge.enabled needs checkpoint.init_from (a run directory)")
+        _validate_selection(i, "checkpoint.init_merge", fewest=2)
+        _require(i.every >= 1, f"checkpoint.init_merge.every: {i.every} must be >= 1")
+        _require(all(isinstance(it, int) and not isinstance(it, bool) and it >= 0 for it in i.iterations)
+                 and len(set(i.iterations)) == len(i.iterations),
+                 f"checkpoint.init_merge.iterations: {i.iterations!r} must be distinct saved iteration numbers")
     if f.lr_spike_at is not None:
         _require(f.lr_spike_at >= 1 and f.lr_spike_iters >= 1 and f.lr_spike_factor > 0,
                  "fault_injection.lr_spike_at/lr_spike_iters must be >= 1 and lr_spike_factor > 0")
@@ -935,8 +1095,7 @@ def _validate_init_and_recovery(cfg: RunConfig) -> None:
         _require(r.grad_norm_factor > 1.0, f"recovery.grad_norm_factor: {r.grad_norm_factor} must be > 1 or null")
     _require(r.patience >= 1, f"recovery.patience: {r.patience} must be >= 1")
     _require(r.baseline_window >= 3, f"recovery.baseline_window: {r.baseline_window} must be >= 3")
-    _require(r.window >= 1, f"recovery.window: {r.window} must be >= 1")
-    _require(0.0 < r.ema_alpha <= 1.0, f"recovery.ema_alpha: {r.ema_alpha} must be in (0, 1]")
+    _validate_selection(r.merge, "recovery.merge", fewest=1)
     _require(r.max_retries >= 1, f"recovery.max_retries: {r.max_retries} must be >= 1")
     _require(c.save is not None and c.save_interval is not None,
              "recovery rolls back to saved checkpoints: set checkpoint.save and checkpoint.save_interval")
@@ -1027,11 +1186,25 @@ def reference_markdown() -> str:
     for section in dataclasses.fields(RunConfig):
         cls = section.type if isinstance(section.type, type) else typing.get_type_hints(RunConfig)[section.name]
         lines += [f"### `{section.name}`", "", (cls.__doc__ or "").strip(), "", "| key | default | description |", "|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {f.metadata.get('help', '')} |")
+        lines += _reference_rows(cls, section.name)
         lines.append("")
     return "\n".join(lines)
+
+
+def _reference_rows(cls: type, prefix: str) -> list[str]:
+    """One table row per key of ``cls``; a nested section gives a row of its own, then its keys."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}.{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            text = f.metadata.get("help") or " ".join((tp.__doc__ or "").split())
+            rows.append(f"| `{key}` | {tp.__name__} | {text} |")
+            rows += _reference_rows(tp, key)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append(f"| `{key}` | `{default!r}` | {f.metadata.get('help', '')} |")
+    return rows
 
 
 def reference_document() -> str:

@@ -66,7 +66,8 @@ def evaluation_config(config: Optional[str], overrides: list[str], first_checkpo
     cfg = load_config(config, overrides)
     return dataclasses.replace(
         cfg,
-        checkpoint=dataclasses.replace(cfg.checkpoint, load=None, init_from=None, init_merge_method=None,
+        checkpoint=dataclasses.replace(cfg.checkpoint, load=None, init_from=None,
+                                       init_merge=dataclasses.replace(cfg.checkpoint.init_merge, enabled=False),
                                        save=None, save_interval=None, keep_last=None, keep_every=None),
         merge=dataclasses.replace(cfg.merge, enabled=False, keep_last=None, keep_every=None),
         recovery=dataclasses.replace(cfg.recovery, enabled=False),

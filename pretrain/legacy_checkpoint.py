@@ -236,7 +236,7 @@ def _check_optimizer_kind(cfg: RunConfig, where: Path, args: dict, load_optimize
     if saved and not distrib_optim.is_file():
         raise CheckpointError(
             f"{distrib_optim}: missing; {where} was saved with the distributed optimizer, whose "
-            "parameter state Megatron-LM keeps in this file. Set checkpoint.no_load_optim=true to "
+            "parameter state Megatron-LM keeps in this file. Set checkpoint.resume_optimizer=fresh to "
             "resume the weights with a fresh optimizer"
         )
     what = (f"{distrib_optim} holds the distributed optimizer's state" if saved
@@ -245,7 +245,7 @@ def _check_optimizer_kind(cfg: RunConfig, where: Path, args: dict, load_optimize
         f"{what}; this run has parallel.use_distributed_optimizer="
         f"{str(cfg.parallel.use_distributed_optimizer).lower()}. Set "
         f"parallel.use_distributed_optimizer={str(saved).lower()} to resume its optimizer state, "
-        "or checkpoint.no_load_optim=true to resume the weights with a fresh optimizer"
+        "or checkpoint.resume_optimizer=fresh to resume the weights with a fresh optimizer"
     )
 
 

@@ -21,7 +21,7 @@ from megatron_merge.candidates import CandidateMerges, parse_candidates, store_n
 from megatron_merge.online import OnlineMergeSpec, PartitionMerger, map_sharded_params
 from megatron_merge.record import MERGE_RECORD_FILE, record_header
 from pretrain import checkpoint as ckpt
-from pretrain.config import ConfigError, RunConfig, merge_interval_iterations
+from pretrain.config import ConfigError, MergeSelection, RunConfig, merge_interval_iterations
 
 logger = logging.getLogger(__name__)
 
@@ -64,18 +64,21 @@ def partition_merger(spec: OnlineMergeSpec, model_chunks, run_dir: Optional[str]
     return PartitionMerger(spec, named, sharded, replica_group_of, run_dir=run_dir)
 
 
-def install_merged_checkpoints(model_chunks, optimizer, directories, method: str, alpha: float = 0.2) -> list[float]:
-    """Put the merge of saved checkpoints (oldest first) into the model, each rank its own part.
+def install_merged_checkpoints(model_chunks, optimizer, directories, selection: MergeSelection) -> list[float]:
+    """Put the merge of saved checkpoints (oldest first) into the model, each rank its own part,
+    weighed as ``selection`` says (with fewer checkpoints than its explicit weights, the newest
+    ones' weights).
 
     The optimizer's main (fp32) parameters, if there is an optimizer, are reloaded from the new
     model weights. Returns the weights used. One checkpoint is loaded as it is.
     """
-    spec = OnlineMergeSpec(method=method, window=max(2, len(directories)), interval=1, ema_alpha=alpha,
+    ema = selection.method == "ema" and len(directories) > 1
+    spec = OnlineMergeSpec(method=selection.method, window=max(2, len(directories)), interval=1,
+                           ema_alpha=selection.ema_alpha, weights=tuple(float(w) for w in selection.weights),
                            storage="disk")
     merger = partition_merger(spec, model_chunks, run_dir=None)
     weights = spec.weights_for(len(directories))
-    merged = merger.merge_checkpoints(directories, weights, ema_alpha=alpha if method == "ema" and len(directories) > 1
-                                      else None)
+    merged = merger.merge_checkpoints(directories, weights, ema_alpha=selection.ema_alpha if ema else None)
     merger.install(merged)
     if optimizer is not None:
         optimizer.reload_model_params()

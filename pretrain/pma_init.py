@@ -1,8 +1,9 @@
 """PMA-init: start a new phase of training (continued training, annealing, SFT) from merged weights.
 
 ``checkpoint.init_from`` names either a checkpoint to start from as it is (typically a merged
-one, from ``megatron-merge`` or ``<save>/merged/``), or, with ``checkpoint.init_merge_method``, a
-run directory whose newest checkpoints every rank merges on the fly, each its own partition.
+one, from ``megatron-merge`` or ``<save>/merged/``), or, with ``checkpoint.init_merge.enabled``, a
+run directory whose checkpoints (``checkpoint.init_merge``: method, window, every, iterations,
+weights) every rank merges on the fly, each its own partition.
 Unlike ``checkpoint.load`` (resume the same run), this starts a new phase: a fresh optimizer
 (or the newest input's state, ``init_optimizer: checkpoint``) and, unless
 ``init_keep_iteration``, iteration 0 and the start of the data.
@@ -27,20 +28,21 @@ def initialize_from(cfg: RunConfig, model, optimizer, scheduler) -> tuple[ckpt.T
     c = cfg.checkpoint
     keep_optimizer = c.init_optimizer == "checkpoint"
     record = {"event": "init", "from": str(c.init_from), "optimizer": c.init_optimizer}
-    if c.init_merge_method is None:
+    selection = c.init_merge
+    if not selection.enabled:
         directory, _ = ckpt.resolve_checkpoint(c.init_from)
         state = ckpt.load_checkpoint(cfg, model, optimizer, scheduler, directory,
                                      load_optimizer=keep_optimizer, load_rng=False)
         record.update(_described_by_merge_record(directory))
     else:
-        refs = select_checkpoints([c.init_from], last=None if c.init_merge_iterations else c.init_merge_last,
-                                  every=None if c.init_merge_iterations else c.init_merge_every,
-                                  iterations=[int(i) for i in c.init_merge_iterations] or None)
+        chosen = [int(i) for i in selection.iterations] or None
+        refs = select_checkpoints([c.init_from], last=None if chosen else selection.window,
+                                  every=None if chosen else selection.every, iterations=chosen)
         directories = [ref.path for ref in refs]
         state = ckpt.load_checkpoint(cfg, model, optimizer, scheduler, directories[-1],
                                      load_optimizer=keep_optimizer, load_rng=False)
-        weights = install_merged_checkpoints(model, optimizer, directories, c.init_merge_method, c.init_merge_alpha)
-        record.update(method=c.init_merge_method, iterations=[ref.iteration for ref in refs], weights=weights,
+        weights = install_merged_checkpoints(model, optimizer, directories, selection)
+        record.update(method=selection.method, iterations=[ref.iteration for ref in refs], weights=weights,
                       inputs=[str(d) for d in directories])
     if not keep_optimizer:
         reset_optimizer_state(optimizer)

@@ -7,9 +7,9 @@ checkpoints saved before the collapse. Here that happens inside the run:
    running baselines (medians of recent healthy values);
 2. all ranks decide together: one all-reduce of a small flag per iteration, so no rank ever
    acts alone (only last-stage ranks see the loss; every rank sees the gradient norm);
-3. on a spike every rank merges its own partition of the last ``recovery.window`` checkpoints
+3. on a spike every rank merges its own partition of the last ``recovery.merge.window`` checkpoints
    saved before the spike began, restores the rest of the training state (scheduler, RNG,
-   in-training merge state; optimizer state if ``recovery.optimizer: keep``) from the newest of
+   in-training merge state; optimizer state if ``recovery.optimizer: checkpoint``) from the newest of
    them, optionally skips the data that preceded the spike, and training goes on.
 """
 
@@ -118,15 +118,15 @@ class LossSpikeRecovery:
         saved = saved_iterations(c.save)
         # The loss (and gradient norm) of iteration i is measured on the weights saved at i - 1,
         # so the first anomalous iteration s condemns the checkpoint of s - 1 too.
-        good = sorted(it for it in saved if it < self.spike_start - 1)[-r.window:]
+        good = sorted(it for it in saved if it < self.spike_start - 1)[-r.merge.window:]
         if not good:
             raise RecoveryError(f"iteration {state.iteration}: loss spike ({self.reason}) but no checkpoint in "
                                 f"{c.save} was saved before it began (iteration {self.spike_start})")
         directories = [saved[it] for it in good]
-        keep_optimizer = r.optimizer == "keep"
+        keep_optimizer = r.optimizer == "checkpoint"
         restored = ckpt.load_checkpoint(self.cfg, model, optimizer, scheduler, directories[-1],
                                         load_optimizer=keep_optimizer, load_rng=True, merger=merger)
-        weights = install_merged_checkpoints(model, optimizer, directories, r.method, r.ema_alpha)
+        weights = install_merged_checkpoints(model, optimizer, directories, r.merge)
         if not keep_optimizer:
             reset_optimizer_state(optimizer)
         scheduler.num_steps = 0
@@ -135,7 +135,7 @@ class LossSpikeRecovery:
         record = {
             "iteration": state.iteration, "event": "recovery", "reason": self.reason,
             "spike_started_at": self.spike_start, "restored_iteration": restored.iteration,
-            "merged_iterations": good, "weights": weights, "method": r.method if len(good) > 1 else "newest",
+            "merged_iterations": good, "weights": weights, "method": r.merge.method if len(good) > 1 else "newest",
             "optimizer": r.optimizer, "skipped_samples": consumed - restored.consumed_samples,
             "retry": self.retries,
         }

@@ -4,7 +4,7 @@
 A checkpoint is kept when it is one of the newest ``keep_last``, when its iteration is a
 multiple of ``keep_every``, when it is the newest complete one, or when something still needs
 it (the in-training merge with ``merge.storage: disk`` reads the checkpoints of its window, and
-loss-spike recovery the last ``recovery.window``). Called only after a new checkpoint has been
+loss-spike recovery the last ``recovery.merge.window``). Called only after a new checkpoint has been
 published, so a deletion never leaves a run without the checkpoint it would resume from.
 """
 
@@ -59,7 +59,7 @@ def prune(root: str | Path, keep_last: Optional[int], keep_every: Optional[int],
 
 def still_needed(cfg: RunConfig, merger, iteration: int, saved: Iterable[int]) -> set[int]:
     """Checkpoints the run may still read: the disk merge's window, and what loss-spike
-    recovery could roll back to (the ``recovery.window`` saved before a spike that might have
+    recovery could roll back to (the ``recovery.merge.window`` saved before a spike that might have
     begun up to ``recovery.patience + 1`` iterations ago, and everything after)."""
     needed: set[int] = set()
     if merger is not None and merger.spec.storage == "disk" and merger.spec.method != "ema":
@@ -69,7 +69,7 @@ def still_needed(cfg: RunConfig, merger, iteration: int, saved: Iterable[int]) -
         horizon = iteration - r.patience - 1
         saved = sorted(saved)
         needed.update(i for i in saved if i >= horizon)
-        needed.update([i for i in saved if i < horizon][-r.window:])
+        needed.update([i for i in saved if i < horizon][-r.merge.window:])
     return needed
 
 

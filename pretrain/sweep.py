@@ -129,6 +129,8 @@ def run_sweep(cfg, run_dir: Path, points: Sequence[SweepPoint], ends: Sequence[i
     from pretrain import checkpoint as ckpt
     from pretrain import train
     from pretrain.evaluate import NoOptimizer, evaluation_model
+    from megatron_merge.weights import DEFAULT_EMA_ALPHA
+    from pretrain.config import MergeSelection
     from pretrain.merging import install_merged_checkpoints
 
     model, valid_batches = evaluation_model(cfg)
@@ -144,8 +146,9 @@ def run_sweep(cfg, run_dir: Path, points: Sequence[SweepPoint], ends: Sequence[i
             if iterations is None:
                 continue
             began = time.perf_counter()
-            weights = install_merged_checkpoints(model, None, [saved[i] for i in iterations], point.method,
-                                                 alpha=point.alpha if point.alpha is not None else 0.2)
+            selection = MergeSelection(method=point.method, window=len(iterations),
+                                       ema_alpha=point.alpha if point.alpha is not None else DEFAULT_EMA_ALPHA)
+            weights = install_merged_checkpoints(model, None, [saved[i] for i in iterations], selection)
             loss = train.evaluate(model, valid_batches, cfg)
             records.append(emit({
                 "candidate": point.name, "method": point.method, "n": point.n, "every": point.every,

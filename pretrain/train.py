@@ -289,10 +289,11 @@ def pretrain(cfg: RunConfig, platform: Optional[Platform] = None) -> RunSummary:
             logger.info("auto-resume: continuing from %s (checkpoint.save holds it; checkpoint.overwrite=true "
                         "starts afresh)%s", start_point.load,
                         "; checkpoint.init_from is not used again" if c.init_from is not None else "")
+        fresh_optimizer = c.resume_optimizer == "fresh"
         state = ckpt.load_checkpoint(cfg, model, optimizer, scheduler, start_point.load,
-                                     load_optimizer=not c.no_load_optim, load_rng=not c.no_load_rng,
+                                     load_optimizer=not fresh_optimizer, load_rng=not c.no_load_rng,
                                      merger=merger)
-        if c.no_load_optim:
+        if fresh_optimizer:
             state = ckpt.TrainState(iteration=state.iteration, consumed_samples=state.consumed_samples,
                                     resume_facts=state.resume_facts)
         scheduler.step(increment=state.iteration - scheduler.num_steps)

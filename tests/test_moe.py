@@ -109,7 +109,7 @@ def test_dp_reshardable_optimizer_state_across_the_ep_boundary_is_refused_clearl
                   f"checkpoint.load={tmp_path / 'ep2' / 'iter_0000004'}", check=False)
     assert run.returncode != 0
     assert f"error: {tmp_path / 'ep2' / 'iter_0000004'}: distributed-optimizer state" in run.output
-    assert "checkpoint.no_load_optim=true" in run.output and not (tmp_path / "ep1" / "iter_0000008").exists()
+    assert "checkpoint.resume_optimizer=fresh" in run.output and not (tmp_path / "ep1" / "iter_0000008").exists()
 
 
 def test_allgather_dispatcher_matches_alltoall(tmp_path, ep2_run):

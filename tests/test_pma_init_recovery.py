@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import REPO, TINY_DENSE, run_pretrain
-from merge_reference import load_full, model_keys
+from merge_reference import load_full, model_keys, reference_merge
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,8 @@ def source_run(tmp_path_factory):
 def test_pma_init_loads_exactly_the_merged_weights_then_trains(source_run, tmp_path):
     run_dir, offline = source_run
     init = ["parallel.tensor_model_parallel_size=2", f"checkpoint.init_from={run_dir}",
-            "checkpoint.init_merge_method=sma", "checkpoint.init_merge_last=3", "scheduler.warmup_iters=0",
-            "scheduler.style=constant"]
+            "checkpoint.init_merge.enabled=true", "checkpoint.init_merge.method=sma", "checkpoint.init_merge.window=3",
+            "scheduler.warmup_iters=0", "scheduler.style=constant"]
     # train_iters=0: the run saves what it starts from, at iteration 0.
     start = run_pretrain(tmp_path / "start", 2, [*init, "train.train_iters=0"])
     event = next(r for r in start.metrics if r.get("event") == "init")
@@ -51,6 +51,37 @@ def test_pma_init_loads_exactly_the_merged_weights_then_trains(source_run, tmp_p
     expected = p0 * (1 - LR * WD) - LR * (m / (1 - BETA1)) / ((v / (1 - BETA2)).sqrt() + EPS)
     torch.testing.assert_close(p1, expected, rtol=1e-5, atol=1e-7)
     assert not torch.equal(p1, p0)
+
+
+def test_pma_init_with_explicit_weights_on_chosen_iterations(source_run, tmp_path):
+    """checkpoint.init_merge takes weights like merge.*: 1:3 over iterations 4 and 12."""
+    run_dir, _ = source_run
+    run = run_pretrain(tmp_path / "w", 2, ["parallel.tensor_model_parallel_size=2", f"checkpoint.init_from={run_dir}",
+                                           "checkpoint.init_merge.enabled=true", "checkpoint.init_merge.method=weights",
+                                           "checkpoint.init_merge.iterations=[4, 12]",
+                                           "checkpoint.init_merge.weights=[1, 3]", "train.train_iters=0",
+                                           "scheduler.warmup_iters=0", "scheduler.style=constant"])
+    event = next(r for r in run.metrics if r.get("event") == "init")
+    assert event["iterations"] == [4, 12] and event["method"] == "weights" and event["weights"] == [0.25, 0.75]
+    inputs = [run_dir / "iter_0000004", run_dir / "iter_0000012"]
+    for key in model_keys(inputs[0]):
+        assert torch.equal(load_full(tmp_path / "w" / "iter_0000000", key),
+                           reference_merge(inputs, key, [0.25, 0.75])), key
+
+
+def test_resume_with_a_fresh_optimizer_under_the_old_key(source_run, tmp_path):
+    """checkpoint.no_load_optim=true (now checkpoint.resume_optimizer=fresh): the resumed step is a
+    first Adam step (moments of one gradient), not the saved run's ninth."""
+    run_dir, _ = source_run
+    run = run_pretrain(tmp_path / "fresh", 2, ["parallel.tensor_model_parallel_size=2", "scheduler.style=constant",
+                                               f"checkpoint.load={run_dir / 'iter_0000008'}",
+                                               "checkpoint.no_load_optim=true", "train.train_iters=9"])
+    assert [r["iteration"] for r in run.metrics if "loss" in r] == [9]
+    key = next(k for k in model_keys(run_dir / "iter_0000008") if k.endswith("linear_fc2.weight"))
+    after = tmp_path / "fresh" / "iter_0000009"
+    m, v = (load_full(after, f"optimizer.state.{name}.{key}").double() for name in ("exp_avg", "exp_avg_sq"))
+    g = m / (1 - BETA1)
+    torch.testing.assert_close(v, (1 - BETA2) * g * g, rtol=1e-5, atol=1e-12)
 
 
 def test_pma_init_from_a_merged_checkpoint_keeping_its_optimizer(source_run, tmp_path):
@@ -83,7 +114,7 @@ def test_injected_spike_is_recovered_and_diverges_without_recovery(tmp_path, mod
     event = events[0]
     # The update at 30 broke the weights; the loss of 31 shows it; 28 is the newest good checkpoint.
     assert event["spike_started_at"] == 31 and event["merged_iterations"] == [20, 24, 28]
-    assert event["restored_iteration"] == 28 and event["optimizer"] == "reset" and event["skipped_samples"] > 0
+    assert event["restored_iteration"] == 28 and event["optimizer"] == "fresh" and event["skipped_samples"] > 0
     losses = {r["iteration"]: r["loss"] for r in rec.metrics if "loss" in r}  # the last pass wins
     healthy_level = losses[28]
     assert losses[44] < healthy_level * 1.1 and losses[44] < losses[10]

@@ -198,6 +198,7 @@ def test_retention_rules():
 
 
 def test_still_needed_by_disk_merge_and_recovery():
+    # recovery.window: the key before recovery.merge.window, still read
     cfg = load_config(None, ["recovery.enabled=true", "recovery.window=2", "recovery.patience=3"])
 
     class DiskMerger:
