@@ -205,6 +205,7 @@ class RankGroup:
 
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
+        self.group = None  # set while joined
 
     @classmethod
     def from_env(cls) -> "RankGroup | None":
@@ -220,16 +221,26 @@ class RankGroup:
 
     @contextlib.contextmanager
     def joined(self) -> Iterator["RankGroup"]:
-        """Join the gloo group for the block; SIGTERM (torchrun stopping the launch) unwinds
-        the block as ``SystemExit(143)``, so rank 0 removes its unpublished output."""
+        """Join a gloo group of all ranks for the block (a new one beside the caller's when
+        torch.distributed is already initialized, e.g. NCCL in a training script). SIGTERM
+        (torchrun stopping the launch) unwinds the block as ``SystemExit(143)``, so rank 0
+        removes its unpublished output."""
         import torch.distributed as dist
 
         previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        dist.init_process_group("gloo", rank=self.rank, world_size=self.world_size, timeout=RANK_TIMEOUT)
+        owns_world = not dist.is_initialized()
+        if owns_world:
+            dist.init_process_group("gloo", rank=self.rank, world_size=self.world_size, timeout=RANK_TIMEOUT)
+            self.group = None  # the default group
+        else:
+            self.group = dist.new_group(backend="gloo", timeout=RANK_TIMEOUT)
         try:
             yield self
         finally:
-            dist.destroy_process_group()
+            if owns_world:
+                dist.destroy_process_group()
+            else:
+                dist.destroy_process_group(self.group)
             signal.signal(signal.SIGTERM, previous)
 
     def broadcast(self, obj: Any = None) -> Any:
@@ -256,14 +267,14 @@ class RankGroup:
         try:
             if kind == "broadcast":
                 box = [obj]
-                dist.broadcast_object_list(box, src=0)
+                dist.broadcast_object_list(box, src=0, group=self.group)
                 return box[0]
             if kind == "all_gather":
                 out = [None] * self.world_size
-                dist.all_gather_object(out, obj)
+                dist.all_gather_object(out, obj, group=self.group)
                 return out
             out = [None] * self.world_size if self.is_coordinator else None
-            dist.gather_object(obj, out, dst=0)
+            dist.gather_object(obj, out, dst=0, group=self.group)
             return out
         except RuntimeError as err:  # a rank died or the connection broke
             raise MergeError(

@@ -61,10 +61,12 @@ def _perturb(model_chunks, iteration: int, nan: bool = False) -> None:
 def _merge_online(case, model_chunks, directories, run_dir) -> None:
     """Merge ``directories`` into the model the way the run does for ``case``."""
     from megatron_merge.online import OnlineMergeSpec
+    from pretrain.config import MergeSelection
     from pretrain.merging import install_merged_checkpoints, partition_merger
 
     if case.startswith("pma-"):  # PMA-init and loss-spike recovery
-        install_merged_checkpoints(model_chunks, None, directories, case[4:], ALPHA)
+        selection = MergeSelection(method=case[4:], window=len(directories), ema_alpha=ALPHA)
+        install_merged_checkpoints(model_chunks, None, directories, selection)
     elif case == "disk-wma":  # merge.storage: disk, the window read back from the run's checkpoints
         spec = OnlineMergeSpec(method="wma", window=len(ITERATIONS), interval=10, storage="disk")
         merger = partition_merger(spec, model_chunks, run_dir=str(run_dir))
