@@ -29,7 +29,9 @@ files a megatron-core ``torch_dist`` save writes, computed from the layout:
   each bucket split evenly over the DP ranks; MoE experts in their own buffer over the expert-
   data-parallel ranks; MoE keys carry the chained optimizer's ``chained_0.`` / ``chained_1.``);
 * who writes what: the fully parallel save's own assignment
-  (``megatron.core.dist_checkpointing.exchange_utils.distribute_shards_to_ranks``, called here),
+  (``megatron.core.dist_checkpointing.exchange_utils.distribute_shards_to_ranks``, called here,
+  with its sizes: ``_shard_size`` counts an optimizer piece as its parameter's whole local
+  shape, which leaves the dense layouts' files unequal: the largest 1.8-2.2x the mean),
   each rank's items split over 2 writer threads by megatron-core's own
   ``filesystem_async._split_by_size_and_type`` -> ``__{rank}_{0,1}.distcp``; bytes items are the
   per-rank RNG state (``rng_state/shard_pp.tp.dp_PP.TP.DP``) and Transformer Engine
@@ -58,16 +60,18 @@ every chunk), each in a fresh subprocess: wall and CPU seconds (on a shared host
 the steadier figure), CPU microseconds per chunk (flat = linear), ``growth`` = the local
 exponent d log(CPU time) / d log(chunks) from the previous size (1 = linear, 2 = quadratic),
 peak RSS of that process (``VmHWM``; ~270 MiB of it is the interpreter with torch) and the
-``.metadata`` size. Each parameter is 4 keys
-(bf16 weight, fp32_param, exp_avg, exp_avg_sq; half the chunks merged, half copied), over
-``N // 2000`` ranks (at least 4, at most 512) x 2 files. Two families:
+``.metadata`` size. Each parameter is 4 keys (bf16 weight, fp32_param, exp_avg, exp_avg_sq;
+half the chunks merged, half copied), over ``N // 2000`` ranks (at least 4, at most 512) x 2
+files. Two families:
 
 ``per-key``   8 chunks per key, the key count grows with N (like a TP=8 layout with unstacked layers);
 ``stacked``   64 parameters (256 keys), the chunks per key grow with N: megatron-core's layout,
               where every layer's (and every DP piece's) chunk of a parameter is one key.
 
 A size whose time, extrapolated from the previous size's growth, would pass ``--time-budget``
-seconds is skipped and reported with its projection. ``--profile N`` runs the planner once under
+seconds is skipped and reported with that projection (a lower bound when the growth is still
+rising) and its ``overlap_tests``, which at ~0.5 us each on this project's machine give the
+better estimate for the ``stacked`` family. ``--profile N`` runs the planner once under
 cProfile at N chunks for each of ``--families`` and prints the top functions by own time
 (file:line, calls, seconds, share of the total).
 """
@@ -504,14 +508,22 @@ def build_checkpoint(model: ModelConfig, layout: Layout) -> SyntheticCheckpoint:
     return SyntheticCheckpoint({k: tuple(v) for k, v in tensors.items()}, objects, files)
 
 
+def scaling_shape(n_chunks: int, family: str) -> tuple[int, int]:
+    """(parameters, chunks per key) of a scaling checkpoint; each parameter is 4 keys."""
+    if family == "per-key":
+        return max(1, n_chunks // (4 * 8)), 8
+    return 64, max(1, n_chunks // (4 * 64))
+
+
+def scaling_overlap_tests(n_chunks: int, family: str, inputs: int = 2) -> int:
+    """:func:`overlap_tests` of a scaling checkpoint (2 of its 4 keys per parameter are merged)."""
+    n_params, per_key = scaling_shape(n_chunks, family)
+    return inputs * 2 * n_params * per_key**2
+
+
 def scaling_checkpoint(n_chunks: int, family: str) -> SyntheticCheckpoint:
     """``n_chunks`` tiny chunks (4 x 8), 4 keys per parameter, spread over ranks x 2 files."""
-    if family == "per-key":
-        per_key = 8
-        n_params = max(1, n_chunks // (4 * per_key))
-    else:
-        n_params = 64
-        per_key = max(1, n_chunks // (4 * n_params))
+    n_params, per_key = scaling_shape(n_chunks, family)
     ranks = min(512, max(4, n_chunks // 2000))
     rows, cols = 4, 8
     tensors, files = {}, {}
@@ -644,12 +656,14 @@ def run_balance() -> list[dict]:
         started = time.perf_counter()
         ckpt = build_checkpoint(model, layout)
         sizes = ckpt.file_sizes()
-        emit({"bench": "layout", "model": model.name, "layout": layout.label,
-              "chunks": ckpt.n_chunks, "objects": len(ckpt.objects), "keys": len(ckpt.tensors),
-              "files": len(sizes), "total_gib": round(sum(sizes.values()) / 2**30, 1),
-              "max_chunks_per_key": max(len(c) for _, _, c in ckpt.tensors.values()),
-              "overlap_tests": overlap_tests(ckpt),
-              "build_s": round(time.perf_counter() - started, 1)})
+        records.append(emit({
+            "bench": "layout", "model": model.name, "layout": layout.label,
+            "chunks": ckpt.n_chunks, "objects": len(ckpt.objects), "keys": len(ckpt.tensors),
+            "files": len(sizes), "total_gib": round(sum(sizes.values()) / 2**30, 1),
+            "max_chunks_per_key": max(len(c) for _, _, c in ckpt.tensors.values()),
+            "overlap_tests": overlap_tests(ckpt),
+            "build_s": round(time.perf_counter() - started, 1),
+        }))
         records += balance_records(model, layout, sizes)
     return records
 
@@ -721,8 +735,11 @@ def run_plan_times(families, sizes, workdir: Path, budget: float) -> list[dict]:
             if previous is not None:
                 projected = previous[1] * (n / previous[0]) ** max(growth, 1.0)
                 if projected > budget:
-                    records.append(emit({"bench": "plan_time", "family": family, "chunks": n,
-                                         "skipped": True, "projected_s": round(projected)}))
+                    records.append(emit({
+                        "bench": "plan_time", "family": family, "chunks": n, "skipped": True,
+                        "projected_s": round(projected),
+                        "overlap_tests": scaling_overlap_tests(n, family),
+                    }))
                     continue
             ckpt = scaling_checkpoint(n, family)
             root = Path(tempfile.mkdtemp(dir=workdir))
@@ -743,6 +760,7 @@ def run_plan_times(families, sizes, workdir: Path, budget: float) -> list[dict]:
                 "cpu_s": round(measured["cpu_s"], 3),
                 "us_per_chunk": round(1e6 * seconds / measured["chunks"], 1),
                 "cpu_us_per_chunk": round(1e6 * measured["cpu_s"] / measured["chunks"], 1),
+                "overlap_tests": scaling_overlap_tests(n, family),
                 "growth_exponent": round(growth, 2) if previous else None,
                 "rss_peak_mib": measured["rss_peak_mib"],
                 "rss_baseline_mib": measured["rss_baseline_mib"],
@@ -814,15 +832,16 @@ def print_tables(records: list[dict]) -> None:
     if times:
         print("\nplan_merge([a, b], 'sma') time")
         print(f"{'family':<9} {'chunks':>9} {'plan s':>9} {'CPU s':>9} {'CPU us/chunk':>13} "
-              f"{'growth':>7} {'RSS MiB':>8} {'.metadata MiB':>14}")
+              f"{'growth':>7} {'RSS MiB':>8} {'.metadata MiB':>14} {'overlap tests':>14}")
         for r in times:
             if r.get("skipped"):
-                print(f"{r['family']:<9} {r['chunks']:>9} {'skipped: projected ' + str(r['projected_s']) + ' s':>30}")
+                print(f"{r['family']:<9} {r['chunks']:>9}   skipped: projected >= {r['projected_s']} s "
+                      f"({r['overlap_tests']:.3g} overlap tests)")
                 continue
             growth = "" if r["growth_exponent"] is None else f"{r['growth_exponent']:.2f}"
             print(f"{r['family']:<9} {r['chunks']:>9} {r['plan_s']:>9.2f} {r['cpu_s']:>9.2f} "
                   f"{r['cpu_us_per_chunk']:>13.1f} {growth:>7} {r['rss_peak_mib']:>8} "
-                  f"{r['metadata_mib']:>14}")
+                  f"{r['metadata_mib']:>14} {r['overlap_tests']:>14.3g}")
 
 
 def main(argv=None) -> int:
