@@ -120,7 +120,7 @@ OPTIMIZER_STATES = ("fp32_param", "exp_avg", "exp_avg_sq")
 
 def plan_file_bytes(plan) -> dict[str, int]:
     """Bytes per work item (output file) of a plan; the one place that knows the plan's shape."""
-    return {f.name: f.nbytes for f in plan.files}
+    return {item.name: item.nbytes for item in plan.work_items}
 
 
 # --------------------------------------------------------------------------------------------
@@ -700,7 +700,7 @@ def _plan_main(inputs: list[str], sizes_out: str | None) -> None:
         Path(sizes_out).write_text(json.dumps(plan_file_bytes(plan)))
     print(json.dumps({"seconds": seconds, "cpu_s": cpu, "rss_peak_mib": round(_status_mib("VmHWM")),
                       "rss_baseline_mib": round(baseline),
-                      "chunks": sum(len(f.items) for f in plan.files)}))
+                      "chunks": sum(len(f.items) for f in plan.work_items)}))
 
 
 def run_plan_check(workdir: Path, timeout: float) -> dict:

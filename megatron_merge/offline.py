@@ -30,7 +30,14 @@ from megatron_merge.accumulate import MERGE_THREADS, resolve_accumulate_dtype, t
 from megatron_merge.atomic_output import atomic_output_dir, check_output_path
 from megatron_merge.errors import FailedOnAnotherRank, MergeError, os_error_message
 from megatron_merge.formats import format_module, input_format, item_writer, open_checkpoint
-from megatron_merge.formats.base import FormatPlan, MergeSettings, PlanOptions, human_bytes, resolve_save_dtype
+from megatron_merge.formats.base import (
+    FormatPlan,
+    MergeSettings,
+    PlanOptions,
+    gc_paused,
+    human_bytes,
+    resolve_save_dtype,
+)
 from megatron_merge.ranks import (
     RankGroup,
     assign_by_bytes,
@@ -175,16 +182,17 @@ def plan_merge(
     if method == "ema" and alpha is None:
         alpha = DEFAULT_EMA_ALPHA
     fmt = input_format([ref.path for ref in refs], format)
-    checkpoints = [open_checkpoint(ref.path, fmt) for ref in refs]
-    refs = [
-        ref if ref.iteration is not None else dataclasses.replace(ref, iteration=ckpt.iteration())
-        for ref, ckpt in zip(refs, checkpoints)
-    ]
-    options = PlanOptions(
-        model_only=model_only, accumulate_itemsize=acc_dtype.itemsize, trust_inputs=trust_inputs,
-        reference=_reference_index(refs, state_from), save_dtype=out_dtype,
-    )
-    format_plan = format_module(fmt).plan_format(checkpoints, options)
+    with gc_paused():
+        checkpoints = [open_checkpoint(ref.path, fmt) for ref in refs]
+        refs = [
+            ref if ref.iteration is not None else dataclasses.replace(ref, iteration=ckpt.iteration())
+            for ref, ckpt in zip(refs, checkpoints)
+        ]
+        options = PlanOptions(
+            model_only=model_only, accumulate_itemsize=acc_dtype.itemsize, trust_inputs=trust_inputs,
+            reference=_reference_index(refs, state_from), save_dtype=out_dtype,
+        )
+        format_plan = format_module(fmt).plan_format(checkpoints, options)
     return MergePlan(
         inputs=refs, weights=merge_w, method=method, alpha=alpha if method == "ema" else None,
         normalize=normalize, model_only=model_only, accumulate_dtype=accumulate_dtype,

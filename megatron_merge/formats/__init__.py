@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 from megatron_merge.errors import MergeError
+from megatron_merge.formats.base import gc_paused
 from megatron_merge.formats.dcp import TorchDistCheckpoint
 
 FORMATS = ("torch_dist", "torch", "deepspeed")
@@ -105,5 +106,6 @@ def item_writer(settings, checkpoints: list | None = None):
     """The writer of work items for the merge described by ``settings`` (a
     :class:`~.base.MergeSettings`), in this process; opens the inputs unless given."""
     if checkpoints is None:
-        checkpoints = [open_checkpoint(path, settings.format) for path in settings.input_paths]
+        with gc_paused():  # metadata of every input: many small objects (see gc_paused)
+            checkpoints = [open_checkpoint(path, settings.format) for path in settings.input_paths]
     return format_module(settings.format).item_writer(settings, checkpoints)
