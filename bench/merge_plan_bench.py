@@ -45,8 +45,9 @@ R = 8, 64, 512: ``balance`` = max / mean bytes per rank of ``megatron_merge.rank
 (1.00 is perfect; ranks without work count in the mean), the items per rank (min / mean / max)
 and ``idle`` ranks (no item: happens when R > files). Each layout's line (``"bench": "layout"``)
 also gives its chunk count, the most chunks one key has, and ``overlap_tests``: the box
-intersections the planner computes for it (see :func:`overlap_tests`), which is what its planning
-time grows with.
+intersections a scan of every stored chunk per query would compute (see :func:`overlap_tests`),
+quadratic in the chunks of a key. The planner did that scan until its per-key chunk index
+(``formats/dcp.py``, ``_ChunkIndex``); the column shows what the index saves.
 
 **Plan check** (``"bench": "plan_check"``, not with ``--quick``): one layout written to disk as
 two synthetic inputs and planned by the real ``megatron_merge.offline.plan_merge``; the plan's
@@ -70,8 +71,7 @@ files. Two families:
 
 A size whose time, extrapolated from the previous size's growth, would pass ``--time-budget``
 seconds is skipped and reported with that projection (a lower bound when the growth is still
-rising) and its ``overlap_tests``, which at ~0.5 us each on this project's machine give the
-better estimate for the ``stacked`` family. ``--profile N`` runs the planner once under
+rising) and its ``overlap_tests`` (what a full scan would have tested). ``--profile N`` runs the planner once under
 cProfile at N chunks for each of ``--families`` and prints the top functions by own time
 (file:line, calls, seconds, share of the total).
 """
@@ -641,9 +641,9 @@ def balance_records(model: ModelConfig, layout: Layout, sizes: dict[str, int]) -
 
 
 def overlap_tests(ckpt: SyntheticCheckpoint, inputs: int = 2) -> int:
-    """Box intersections the planner computes: every merged chunk is tested against every
-    stored chunk of its key in each input (``TorchDistCheckpoint.chunks_overlapping``), so
-    ``inputs x sum over merged keys of chunks^2`` (weights and fp32 master weights)."""
+    """Box intersections a full scan computes: every merged chunk tested against every stored
+    chunk of its key in each input, ``inputs x sum over merged keys of chunks^2`` (weights and
+    fp32 master weights). The planner's chunk index tests only the chunks a bisection finds."""
     return inputs * sum(
         len(chunks) ** 2 for key, (dtype, _, chunks) in ckpt.tensors.items()
         if ".exp_avg" not in key and dtype.is_floating_point
@@ -808,7 +808,7 @@ def print_tables(records: list[dict]) -> None:
     if layouts:
         print("\nlayouts (synthetic torch_dist saves)")
         print(f"{'model':<13} {'layout':<36} {'chunks':>7} {'objects':>7} {'files':>6} "
-              f"{'GiB':>7} {'max chunks/key':>14} {'overlap tests':>14}")
+              f"{'GiB':>7} {'max chunks/key':>14} {'scan pairs':>14}")
         for r in layouts:
             print(f"{r['model']:<13} {r['layout']:<36} {r['chunks']:>7} {r['objects']:>7} "
                   f"{r['files']:>6} {r['total_gib']:>7} {r['max_chunks_per_key']:>14} "
@@ -832,11 +832,11 @@ def print_tables(records: list[dict]) -> None:
     if times:
         print("\nplan_merge([a, b], 'sma') time")
         print(f"{'family':<9} {'chunks':>9} {'plan s':>9} {'CPU s':>9} {'CPU us/chunk':>13} "
-              f"{'growth':>7} {'RSS MiB':>8} {'.metadata MiB':>14} {'overlap tests':>14}")
+              f"{'growth':>7} {'RSS MiB':>8} {'.metadata MiB':>14} {'scan pairs':>14}")
         for r in times:
             if r.get("skipped"):
                 print(f"{r['family']:<9} {r['chunks']:>9}   skipped: projected >= {r['projected_s']} s "
-                      f"({r['overlap_tests']:.3g} overlap tests)")
+                      f"({r['overlap_tests']:.3g} pairs a full scan would test)")
                 continue
             growth = "" if r["growth_exponent"] is None else f"{r['growth_exponent']:.2f}"
             print(f"{r['family']:<9} {r['chunks']:>9} {r['plan_s']:>9.2f} {r['cpu_s']:>9.2f} "
