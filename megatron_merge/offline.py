@@ -68,7 +68,6 @@ class MergePlan:
     accumulate_dtype: str
     save_dtype: str | None
     format_plan: FormatPlan = field(repr=False)
-    trust_inputs: bool = False  # opaque parts copied unread (--trust-inputs)
 
     @property
     def format(self) -> str:
@@ -196,7 +195,7 @@ def plan_merge(
     return MergePlan(
         inputs=refs, weights=merge_w, method=method, alpha=alpha if method == "ema" else None,
         normalize=normalize, model_only=model_only, accumulate_dtype=accumulate_dtype,
-        save_dtype=save_dtype, format_plan=format_plan, trust_inputs=trust_inputs,
+        save_dtype=save_dtype, format_plan=format_plan,
     )
 
 
@@ -343,7 +342,7 @@ class _MergeJob:
             else:
                 results = write_in_processes(settings, plan.work_items, ckpt_tmp, workers,
                                              MERGE_THREADS, on_item)
-            verified = self._finish(plan, settings, results, tmp, ckpt_tmp, ckpt_out)
+            verified = self._finish(plan, settings, results, ckpt_tmp, ckpt_out)
         return MergeResult(out, plan, time.perf_counter() - self.started, verified, workers)
 
     def run_on_ranks(self, group: RankGroup) -> MergeResult:
@@ -370,7 +369,7 @@ class _MergeJob:
                         lambda: item_writer(settings, plan.checkpoints),
                         plan.work_items, ckpt_tmp, on_item)
                 phase = "finish"
-                verified = self._finish(plan, settings, results, tmp, ckpt_tmp, ckpt_out)
+                verified = self._finish(plan, settings, results, ckpt_tmp, ckpt_out)
         except BaseException as err:
             if phase != "write":  # the other ranks wait for word from rank 0
                 group.broadcast(("failed", str(err) or type(err).__name__))
@@ -399,7 +398,7 @@ class _MergeJob:
         (tmp / entry.directory).mkdir()
         return tmp / entry.directory, out / entry.directory
 
-    def _finish(self, plan: MergePlan, settings: MergeSettings, results: dict, tmp: Path,
+    def _finish(self, plan: MergePlan, settings: MergeSettings, results: dict,
                 ckpt_tmp: Path, ckpt_out: Path) -> int:
         plan.format_plan.finish(ckpt_tmp, results, str(ckpt_out.resolve()), settings)
         record = plan.record(ckpt_out, self.allow_nonfinite)

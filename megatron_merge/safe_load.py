@@ -142,7 +142,8 @@ def common_safe_globals() -> tuple:
     """What Megatron and DeepSpeed store beside the tensors, allowed in every file.
 
     ``argparse.Namespace`` / ``SimpleNamespace`` (Megatron's ``args``), ``io.BytesIO`` (Transformer
-    Engine ``_extra_state``), and numpy arrays and scalars (``np.random.get_state()`` in RNG
+    Engine ``_extra_state``; an empty one holds ``b""``, which pickle protocol 2 writes as a call
+    of ``bytes``), and numpy arrays and scalars (``np.random.get_state()`` in RNG
     state). Each rebuilds plain data; none runs code from the file. Entries are
     ``(object, "module.name")`` pairs where numpy 1 and numpy 2 pickle the same thing under
     different names.
@@ -153,7 +154,7 @@ def common_safe_globals() -> tuple:
     import numpy as np
 
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    allowed: list = [argparse.Namespace, types.SimpleNamespace, io.BytesIO, np.ndarray, np.dtype]
+    allowed: list = [argparse.Namespace, types.SimpleNamespace, io.BytesIO, bytes, np.ndarray, np.dtype]
     for name in ("_reconstruct", "scalar"):
         function = getattr(multiarray, name)
         allowed += [(function, f"numpy.core.multiarray.{name}"),

@@ -485,3 +485,17 @@ def test_a_float_extra_state_tensor_is_copied_not_averaged(tmp_path):
     dcp.load(state, checkpoint_id=str(tmp_path / "merged"), no_dist=True)
     assert torch.equal(state[key], torch.full((3,), 2.0))  # the newest input's
     assert torch.equal(state["decoder.layers.0.weight"], torch.full((4,), 1.5))
+
+
+def test_plain_data_objects_of_real_checkpoints_load(tmp_path):
+    """The reader refuses code, not data: Transformer Engine's extra state as an empty or a full
+    BytesIO, Megatron's args, numpy RNG state all come back as they were saved."""
+    import numpy as np
+
+    from megatron_merge.safe_load import load_torch
+
+    saved = [io.BytesIO(), io.BytesIO(b"fp8 meta"), argparse.Namespace(lr=1e-3), np.random.get_state()]
+    torch.save(saved, tmp_path / "objects.pt")
+    empty, full, args, rng = load_torch(tmp_path / "objects.pt")
+    assert empty.getvalue() == b"" and full.getvalue() == b"fp8 meta" and args.lr == 1e-3
+    assert np.array_equal(rng[1], saved[3][1])
