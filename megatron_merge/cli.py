@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Checkpoints are ordered oldest first. The output keeps the newest input's "
         "sharding and files; optimizer state, non-float tensors and opaque objects come from the "
-        "newest input (see merge.json in the output).",
+        "newest input (see merge.json in the output). Under torchrun (one or many nodes) the "
+        "output files are split over all ranks; inputs and --out must be on a filesystem every "
+        "node sees.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="checkpoint directories (iter_*, or DeepSpeed global_step*), oldest "
@@ -54,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--alpha", type=float, help="EMA factor in (0, 1] (default 0.2)")
     weights.add_argument("--weights", type=parse_weight_list,
                          help="comma-separated weights, one per checkpoint (method 'weights'; "
-                         "implies it when --method is not given)")
+                         "implies it when --method is not given); a negative first one needs the "
+                         "--weights=-0.5,1.5 form")
     weights.add_argument("--no-normalize", action="store_true",
                          help="use --weights as given instead of dividing by their sum: any values, "
                          "negative ones included, not all zero (a warning says when they do not sum to 1)")
