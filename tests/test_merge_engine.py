@@ -180,3 +180,35 @@ def test_workers_on_a_torchrun_rank_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(MergeError, match="under torchrun every rank is one worker"):
         merge_checkpoints(inputs("torch_dist_tp2_fp32"), tmp_path / "m", workers=2)
+
+
+# ================================================================================================
+# Planning stays linear: the chunk index finds what a scan of every chunk finds
+# ================================================================================================
+
+
+@pytest.mark.parametrize("case", ["torch_dist_dp2_bf16_distopt", "torch_dist_tp2_bf16_distopt"])
+def test_chunk_index_finds_exactly_the_overlapping_chunks(case):
+    import random
+
+    from megatron_merge.accumulate import intersect
+    from megatron_merge.formats.dcp import TorchDistCheckpoint
+
+    ckpt = TorchDistCheckpoint(inputs(case)[-1])
+    rng = random.Random(0)
+    queries = 0
+    for key in ckpt.keys():
+        meta = ckpt.tensor_metadata(key)
+        if meta is None or not tuple(meta.size):
+            continue
+        for _ in range(20):  # random boxes, and every stored chunk's own box
+            offsets = [rng.randrange(n) for n in meta.size]
+            sizes = [rng.randint(1, n - o) for n, o in zip(meta.size, offsets)]
+            boxes = [(offsets, sizes)] + [(c.offsets, c.sizes) for c in ckpt.chunks(key)[:3]]
+            for offsets, sizes in boxes:
+                found = [(c.offsets, o, s) for c, o, s in ckpt.chunks_overlapping(key, offsets, sizes)]
+                scanned = [(c.offsets, *hit) for c in ckpt.chunks(key)
+                           if (hit := intersect(c.offsets, c.sizes, offsets, sizes)) is not None]
+                assert found == scanned, (key, offsets, sizes)
+                queries += 1
+    assert queries > 500
