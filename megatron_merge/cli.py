@@ -188,7 +188,10 @@ def _run(args: argparse.Namespace, method: str, state_from: str | int) -> int:
         check_output_path(args.out, [r.path for r in refs], force=True)
         plan = plan_merge(refs, method, **options)
         print(plan.describe())
-        if args.workers is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            print(f"ranks: {world} (torchrun), each writing its share of the {len(plan.work_items)} files")
+        elif args.workers is None:
             from megatron_merge.ranks import choose_workers
 
             workers, why = choose_workers(len(plan.work_items), plan.bytes_to_read,
