@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,8 @@ ITERATIONS = (10, 20, 30)
 ALPHA = 0.3
 VOCAB = 256
 LAYOUTS = {"tp2": 2, "dp2": 1}  # name -> tensor-parallel size (2 ranks: the rest is DP)
-NAN_KEY = "decoder.final_layernorm.weight"  # replicated over TP: every TP=2 rank owns it
+NAN_PARAM = "decoder.layers.0.mlp.linear_fc1.weight"  # split over TP: at TP=2 only rank 1 holds the NaN
+NAN_RANK = 1
 # merge -> (offline method, offline options); the online side of each is in _merge_online
 CASES = {
     "pma-sma": ("sma", {}),
@@ -49,12 +51,15 @@ def it_dir(root: Path, iteration: int) -> Path:
 
 
 def _perturb(model_chunks, iteration: int, nan: bool = False) -> None:
-    """Give every parameter values of its own for ``iteration`` (the same on every replica)."""
+    """Give every parameter values of its own for ``iteration`` (the same on every replica);
+    with ``nan``, a NaN in TP rank NAN_RANK's shard of NAN_PARAM only."""
+    from megatron.core import parallel_state
+
     with torch.no_grad():
         for index, (name, param) in enumerate(p for chunk in model_chunks for p in chunk.named_parameters()):
             gen = torch.Generator().manual_seed(1000 * iteration + index)
             param.add_(torch.randn(param.shape, generator=gen) * 0.01 + 0.001 * iteration)
-            if nan and name.endswith(NAN_KEY):
+            if nan and name.endswith(NAN_PARAM) and parallel_state.get_tensor_model_parallel_rank() == NAN_RANK:
                 param[3] = float("nan")
 
 
@@ -127,14 +132,19 @@ def _worker(rank: int, port: int, root: str) -> None:
             with torch.no_grad():  # back to the raw weights: no merge may depend on the previous one
                 for p, r in zip((p for chunk in model for p in chunk.parameters()), raw):
                     p.copy_(r)
-        if layout == "tp2":  # NaN in the newest input (read last: no rank waits in a later load)
+        if layout == "tp2":  # failures on one rank only fail the merge on both, before the next load
             spec = OnlineMergeSpec(method="sma", window=3, interval=1, storage="disk")
             merger = partition_merger(spec, model, run_dir=None)
-            bad = [*directories[:-1], it_dir(root / "nan", ITERATIONS[-1])]
-            try:
-                merger.merge_checkpoints(bad, spec.weights_for(3))
-            except MergeError as exc:
-                errors["nan"] = str(exc)
+            errors["nan_key"] = next(s.sharded.key for s in merger.owned if s.name.endswith(NAN_PARAM))
+            bad = [it_dir(root / "nan", ITERATIONS[-1]), *directories[1:]]  # the NaN read first
+            missing = [directories[0], root / "missing" if rank == 1 else directories[1]]
+            for name, inputs in (("nan", bad), ("missing", missing)):
+                began = time.perf_counter()
+                try:
+                    merger.merge_checkpoints(inputs, spec.weights_for(len(inputs)))
+                except MergeError as exc:
+                    errors[name] = str(exc)
+                errors[f"{name}_seconds"] = time.perf_counter() - began
             allowed = merger.merge_checkpoints(bad, spec.weights_for(3), allow_nonfinite=True)
             errors["allowed_nan"] = sum(int(t.isnan().sum()) for t in allowed.values())
         parallel_state.destroy_model_parallel()
@@ -194,11 +204,27 @@ def test_fp64_accumulation_is_used(merged):
     assert any(not torch.equal(load_full(fp32, k), load_full(fp64, k)) for k in model_keys(fp32))
 
 
-def test_nonfinite_input_is_refused_naming_directory_and_key(merged):
+def _errors(root: Path, rank: int) -> dict:
+    return json.loads((root / f"errors.rank{rank}.json").read_text())
+
+
+def test_nan_on_one_rank_fails_the_merge_on_every_rank(merged):
+    """Only rank 1's TP shard holds the NaN: both ranks raise its message, at once (rank 0 does
+    not go on to load the next checkpoint), and the advice names no megatron-merge flag."""
     root, _, _ = merged
-    for rank in (0, 1):
-        errors = json.loads((root / f"errors.rank{rank}.json").read_text())
-        message = errors["nan"]
-        assert str(it_dir(root / "nan", ITERATIONS[-1])) in message and repr(NAN_KEY) in message, message
-        assert "NaN/Inf" in message
-        assert errors["allowed_nan"] > 0  # allow_nonfinite merges it, NaN and all
+    ranks = [_errors(root, rank) for rank in (0, 1)]
+    message = ranks[0]["nan"]
+    assert ranks[1]["nan"] == message
+    key = ranks[NAN_RANK]["nan_key"]
+    assert message.startswith(f"rank {NAN_RANK} of 2: non-finite values (NaN/Inf) in "), message
+    assert f"{it_dir(root / 'nan', ITERATIONS[-1])} (key {key!r})" in message, message
+    assert "--" not in message and "no config key overrides" in message, message
+    assert all(r["nan_seconds"] < 60 for r in ranks)
+    assert ranks[NAN_RANK]["allowed_nan"] > 0 and ranks[1 - NAN_RANK]["allowed_nan"] == 0  # allow_nonfinite merges it
+
+
+def test_missing_checkpoint_on_one_rank_fails_every_rank_before_any_load(merged):
+    root, _, _ = merged
+    messages = [_errors(root, rank)["missing"] for rank in (0, 1)]
+    assert messages[0] == messages[1] == (f"rank 1 of 2: {root / 'missing'}: missing or not a torch_dist checkpoint "
+                                          f"(no metadata.json; needed for merging)")
