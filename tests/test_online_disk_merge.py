@@ -8,12 +8,17 @@ partition, at two layouts: TP=2 (each rank a shard) and DP=2 (whole tensors spli
 owners and broadcast to the replica). Each merge is installed into the model and saved with
 megatron-core; here those are compared with ``megatron_merge.offline.merge_checkpoints`` output,
 read back through torch's own DCP reader.
+
+Failures: a NaN in one rank's TP shard, or a directory missing on one rank, fail the merge on
+both ranks with the finding rank's message; under ``torchrun -m pretrain`` (PMA-init) the user
+reads it once, at once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import FAST, TINY_DENSE, free_port
+from helpers import FAST, TINY_DENSE, free_port, run_pretrain
 from pretrain.platform import process_group_teardown
 
 ITERATIONS = (10, 20, 30)
@@ -228,3 +233,27 @@ def test_missing_checkpoint_on_one_rank_fails_every_rank_before_any_load(merged)
     messages = [_errors(root, rank)["missing"] for rank in (0, 1)]
     assert messages[0] == messages[1] == (f"rank 1 of 2: {root / 'missing'}: missing or not a torch_dist checkpoint "
                                           f"(no metadata.json; needed for merging)")
+
+
+def test_pma_init_from_a_nan_on_one_rank_is_reported_once_promptly(merged, tmp_path):
+    """torchrun -m pretrain with PMA-init over a run whose newest checkpoint has a NaN in rank 1's
+    shard only: one ``error:`` line, rank 1's finding with the run-config advice, said by rank 0
+    at once (before: rank 0 went on into training and rank 1 spoke after its grace period)."""
+    root, _, _ = merged
+    source = tmp_path / "source"
+    for iteration in ITERATIONS[:-1]:
+        shutil.copytree(it_dir(root / "run", iteration), it_dir(source, iteration))
+    shutil.copytree(it_dir(root / "nan", ITERATIONS[-1]), it_dir(source, ITERATIONS[-1]))
+    began = time.perf_counter()
+    run = run_pretrain(tmp_path / "run", 2, ["parallel.tensor_model_parallel_size=2", f"checkpoint.init_from={source}",
+                                              "checkpoint.init_merge.enabled=true", "checkpoint.init_merge.window=3",
+                                              "train.train_iters=8"],
+                       timeout=300, check=False, env={"PRETRAIN_ERROR_GRACE_S": "120"})
+    seconds = time.perf_counter() - began
+    errors = [line for line in run.output.splitlines() if line.startswith("error:")]
+    assert run.returncode != 0 and len(errors) == 1, run.output[-4000:]
+    assert errors[0].startswith(f"error: rank {NAN_RANK} of 2: non-finite values (NaN/Inf) in "
+                                f"{it_dir(source, ITERATIONS[-1])} (key "), errors
+    assert errors[0].endswith("(checkpoint.init_merge.iterations, or a smaller checkpoint.init_merge.window)"), errors
+    assert "(reported by rank" not in errors[0]  # rank 0 said it: no rank waited out the grace period
+    assert seconds < 100, seconds  # a rank that failed alone would wait out its 120 s grace period
