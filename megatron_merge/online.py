@@ -14,7 +14,8 @@ checkpoints (``storage: disk``, PMA-init, loss-spike recovery: :meth:`PartitionM
 by one :class:`~megatron_merge.accumulate.PieceAccumulator` per owned parameter fed one
 checkpoint at a time, and the running EMA by :func:`~megatron_merge.accumulate.ema_update`.
 This module only decides which values go in: who owns what, where snapshots are kept, which
-checkpoints to read.
+checkpoints to read. A merge that fails on one rank (NaN/Inf in its shard, a directory it cannot
+see) fails on every rank together, with that rank's message (:func:`_fail_together`).
 
 Storage (``storage``):
 
@@ -53,6 +54,8 @@ STATE_PREFIX = "merge_state"
 # override (megatron-merge's --allow-nonfinite has no counterpart); callers name their own keys.
 ONLINE_NONFINITE_HINT = ("the merge refuses NaN/Inf (no config key overrides this): that checkpoint is damaged or "
                          "training had diverged when it was saved")
+SNAPSHOT_NONFINITE_HINT = ("the merge refuses NaN/Inf (no config key overrides this): training had diverged when "
+                           "that snapshot was taken")
 
 
 @dataclass(frozen=True)
@@ -219,15 +222,22 @@ class PartitionMerger:
         return self.merge_stored(range(self.stored - self.count, self.stored), self.weights())
 
     def merge_stored(self, positions: Sequence[int], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-        """Merge stored snapshots (``positions`` in the store, oldest first) of the owned parameters."""
+        """Merge stored snapshots (``positions`` in the store, oldest first) of the owned parameters.
+
+        Collective (every rank calls it): a failure on any rank (NaN/Inf in a snapshot) raises
+        the same MergeError on every rank."""
         self.wait_for_copies()
         positions = list(positions)
-        merged = {}
-        for slot in self.owned:
-            parts = lambda i, slot=slot: [PiecePart(_whole(slot.param), slot.snapshots[positions[i]],
-                                                    f"snapshot of {slot.name}")]
-            merged[slot.name] = merge_piece(slot.param.shape, slot.param.dtype, list(weights), parts,
-                                            describe_piece=slot.name)
+        merged, failure = {}, None
+        try:
+            for slot in self.owned:
+                parts = lambda i, slot=slot: [PiecePart(_whole(slot.param), slot.snapshots[positions[i]],
+                                                        f"snapshot of {slot.name}")]
+                merged[slot.name] = merge_piece(slot.param.shape, slot.param.dtype, list(weights), parts,
+                                                describe_piece=slot.name, nonfinite_hint=SNAPSHOT_NONFINITE_HINT)
+        except MergeError as err:
+            failure = err
+        _fail_together(failure)
         return merged
 
     def _merge_from_disk(self) -> dict[str, torch.Tensor]:

@@ -152,6 +152,15 @@ def _worker(rank: int, port: int, root: str) -> None:
                 errors[f"{name}_seconds"] = time.perf_counter() - began
             allowed = merger.merge_checkpoints(bad, spec.weights_for(3), allow_nonfinite=True)
             errors["allowed_nan"] = sum(int(t.isnan().sum()) for t in allowed.values())
+            # In-memory snapshots (storage: host): the newest holds the NaN on rank 1 only.
+            merger = partition_merger(OnlineMergeSpec(method="sma", window=2, interval=1), model, run_dir=None)
+            merger.maybe_snapshot(1)
+            _perturb(model, 1, nan=True)
+            merger.maybe_snapshot(2)
+            try:
+                merger.merged_owned()
+            except MergeError as exc:
+                errors["snapshot_nan"] = str(exc)
         parallel_state.destroy_model_parallel()
     (root / f"errors.rank{rank}.json").write_text(json.dumps(errors))
 
@@ -226,6 +235,14 @@ def test_nan_on_one_rank_fails_the_merge_on_every_rank(merged):
     assert "--" not in message and "no config key overrides" in message, message
     assert all(r["nan_seconds"] < 60 for r in ranks)
     assert ranks[NAN_RANK]["allowed_nan"] > 0 and ranks[1 - NAN_RANK]["allowed_nan"] == 0  # allow_nonfinite merges it
+
+
+def test_nan_in_one_rank_snapshot_fails_the_merge_on_every_rank(merged):
+    root, _, _ = merged
+    messages = [_errors(root, rank)["snapshot_nan"] for rank in (0, 1)]
+    assert messages[0] == messages[1], messages
+    assert messages[0].startswith(f"rank {NAN_RANK} of 2: non-finite values (NaN/Inf) in snapshot of "), messages
+    assert NAN_PARAM in messages[0] and "--" not in messages[0] and "training had diverged" in messages[0]
 
 
 def test_missing_checkpoint_on_one_rank_fails_every_rank_before_any_load(merged):
