@@ -56,6 +56,10 @@ from megatron_merge.errors import MergeError
 
 ACCUMULATE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
+# What a NaN/Inf error tells the user to do: megatron-merge's override by default; callers
+# without that flag (the in-training merges) say what their user can do instead.
+NONFINITE_HINT = "pass --allow-nonfinite to merge anyway"
+
 Region = tuple[slice, ...]
 
 
@@ -109,6 +113,7 @@ def merge_piece(
     describe_piece: str = "piece",
     ema_alpha: float | None = None,
     buffers: PieceBuffers | None = None,
+    nonfinite_hint: str = NONFINITE_HINT,
 ) -> torch.Tensor:
     """Merge one piece: ``sum_i weights[i] * input_i``, cast back to ``out_dtype``.
 
@@ -125,12 +130,15 @@ def merge_piece(
             give the count of inputs); see the module docstring.
         buffers: reuse this memory for the accumulator and the result (see
             :class:`PieceBuffers`); the result is then valid until the next call with them.
+        nonfinite_hint: what the NaN/Inf error tells the user to do (megatron-merge's flag
+            by default).
 
     Raises:
         MergeError: an input's parts do not cover the piece, or hold NaN/Inf.
     """
     piece = PieceAccumulator(shape, out_dtype, weights, acc_dtype=acc_dtype, allow_nonfinite=allow_nonfinite,
-                             describe_piece=describe_piece, ema_alpha=ema_alpha, buffers=buffers)
+                             describe_piece=describe_piece, ema_alpha=ema_alpha, buffers=buffers,
+                             nonfinite_hint=nonfinite_hint)
     for i in range(len(weights)):
         piece.add(parts_of_input(i))
     return piece.result()
@@ -156,6 +164,7 @@ class PieceAccumulator:
         describe_piece: str = "piece",
         ema_alpha: float | None = None,
         buffers: PieceBuffers | None = None,
+        nonfinite_hint: str = NONFINITE_HINT,
     ) -> None:
         self.shape = tuple(shape)
         self.out_dtype = out_dtype
@@ -164,6 +173,7 @@ class PieceAccumulator:
         self.allow_nonfinite = allow_nonfinite
         self.describe_piece = describe_piece
         self.ema_alpha = ema_alpha
+        self.nonfinite_hint = nonfinite_hint
         self._buffers = buffers
         if buffers is None:
             self._acc = torch.zeros(self.shape, dtype=acc_dtype)
@@ -184,7 +194,7 @@ class PieceAccumulator:
         weight_t = torch.tensor(self.weights[i], dtype=self.acc_dtype)
         covered = 0
         for part in parts:
-            check_finite(part.values, part.origin, self.allow_nonfinite)
+            check_finite(part.values, part.origin, self.allow_nonfinite, self.nonfinite_hint)
             if self.ema_alpha is None:
                 add_weighted(acc[part.region], part.values, weight_t)
             else:
@@ -240,10 +250,12 @@ def add_weighted(acc: torch.Tensor, values: torch.Tensor, weight: torch.Tensor |
         acc_block.add_(term)  # plain add: no alpha, so no fused multiply-add
 
 
-def check_finite(values: torch.Tensor, origin: str, allow_nonfinite: bool = False) -> None:
-    """Raise MergeError naming ``origin`` if ``values`` hold NaN/Inf (unless allowed)."""
+def check_finite(values: torch.Tensor, origin: str, allow_nonfinite: bool = False,
+                 hint: str = NONFINITE_HINT) -> None:
+    """Raise MergeError naming ``origin`` if ``values`` hold NaN/Inf (unless allowed); the
+    message ends with ``hint``, what the user can do about it."""
     if not allow_nonfinite and not _all_finite(values):
-        raise MergeError(f"non-finite values (NaN/Inf) in {origin}; pass --allow-nonfinite to merge anyway")
+        raise MergeError(f"non-finite values (NaN/Inf) in {origin}; {hint}")
 
 
 def ema_update(acc: torch.Tensor, values: torch.Tensor, alpha: float, first: bool) -> None:

@@ -14,7 +14,8 @@ checkpoints (``storage: disk``, PMA-init, loss-spike recovery: :meth:`PartitionM
 by one :class:`~megatron_merge.accumulate.PieceAccumulator` per owned parameter fed one
 checkpoint at a time, and the running EMA by :func:`~megatron_merge.accumulate.ema_update`.
 This module only decides which values go in: who owns what, where snapshots are kept, which
-checkpoints to read.
+checkpoints to read. A merge that fails on one rank (NaN/Inf in its shard, a directory it cannot
+see) fails on every rank together, with that rank's message (:func:`_fail_together`).
 
 Storage (``storage``):
 
@@ -40,6 +41,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_merge.accumulate import PieceAccumulator, PiecePart, ema_update, merge_piece, resolve_accumulate_dtype
 from megatron_merge.errors import MergeError
@@ -48,6 +50,12 @@ from megatron_merge.weights import merge_weights
 logger = logging.getLogger(__name__)
 
 STATE_PREFIX = "merge_state"
+# The NaN/Inf error's advice in merges of saved checkpoints during a run: the run config has no
+# override (megatron-merge's --allow-nonfinite has no counterpart); callers name their own keys.
+ONLINE_NONFINITE_HINT = ("the merge refuses NaN/Inf (no config key overrides this): that checkpoint is damaged or "
+                         "training had diverged when it was saved")
+SNAPSHOT_NONFINITE_HINT = ("the merge refuses NaN/Inf (no config key overrides this): training had diverged when "
+                           "that snapshot was taken")
 
 
 @dataclass(frozen=True)
@@ -214,15 +222,22 @@ class PartitionMerger:
         return self.merge_stored(range(self.stored - self.count, self.stored), self.weights())
 
     def merge_stored(self, positions: Sequence[int], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-        """Merge stored snapshots (``positions`` in the store, oldest first) of the owned parameters."""
+        """Merge stored snapshots (``positions`` in the store, oldest first) of the owned parameters.
+
+        Collective (every rank calls it): a failure on any rank (NaN/Inf in a snapshot) raises
+        the same MergeError on every rank."""
         self.wait_for_copies()
         positions = list(positions)
-        merged = {}
-        for slot in self.owned:
-            parts = lambda i, slot=slot: [PiecePart(_whole(slot.param), slot.snapshots[positions[i]],
-                                                    f"snapshot of {slot.name}")]
-            merged[slot.name] = merge_piece(slot.param.shape, slot.param.dtype, list(weights), parts,
-                                            describe_piece=slot.name)
+        merged, failure = {}, None
+        try:
+            for slot in self.owned:
+                parts = lambda i, slot=slot: [PiecePart(_whole(slot.param), slot.snapshots[positions[i]],
+                                                        f"snapshot of {slot.name}")]
+                merged[slot.name] = merge_piece(slot.param.shape, slot.param.dtype, list(weights), parts,
+                                                describe_piece=slot.name, nonfinite_hint=SNAPSHOT_NONFINITE_HINT)
+        except MergeError as err:
+            failure = err
+        _fail_together(failure)
         return merged
 
     def _merge_from_disk(self) -> dict[str, torch.Tensor]:
@@ -231,18 +246,25 @@ class PartitionMerger:
 
     def merge_checkpoints(self, directories: Sequence[Path], weights: Sequence[float],
                           ema_alpha: Optional[float] = None, *, accumulate_dtype: str = "fp32",
-                          allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
+                          allow_nonfinite: bool = False,
+                          nonfinite_hint: str = ONLINE_NONFINITE_HINT) -> dict[str, torch.Tensor]:
         """Merge this rank's owned parameters from saved torch_dist checkpoints (oldest first).
 
         Each checkpoint is read once, only this rank's owned part of it (collective: every rank
         calls it), and fed to one :class:`~megatron_merge.accumulate.PieceAccumulator` per owned
         parameter: the offline tool's arithmetic, checks and bits (a weighted sum, or the EMA
         recursion with ``ema_alpha``). Memory: one accumulator per owned parameter plus one
-        checkpoint's owned part. ``accumulate_dtype`` is ``"fp32"`` or ``"fp64"``.
+        checkpoint's owned part. ``accumulate_dtype`` is ``"fp32"`` or ``"fp64"``;
+        ``nonfinite_hint`` ends the NaN/Inf error (what the caller's user can do about it).
+
+        A failure on any rank fails the merge on every rank together (see :func:`_fail_together`):
+        the directories are checked before the first load, and every rank's outcome is exchanged
+        after each checkpoint's accumulation, so no rank is left waiting in the next load.
 
         Raises:
-            MergeError: a directory is not a torch_dist checkpoint, or (unless
-                ``allow_nonfinite``) holds NaN/Inf in an owned parameter.
+            MergeError (with several ranks the same on every rank, naming the rank that found
+            it): a directory is not a torch_dist checkpoint, a load failed, or (unless
+            ``allow_nonfinite``) an owned parameter holds NaN/Inf.
         """
         from megatron_merge import safe_dist_checkpointing
 
@@ -252,17 +274,25 @@ class PartitionMerger:
         acc_dtype = resolve_accumulate_dtype(accumulate_dtype)
         pieces = {s.name: PieceAccumulator(s.param.shape, s.param.dtype, weights, acc_dtype=acc_dtype,
                                            allow_nonfinite=allow_nonfinite, describe_piece=s.name,
-                                           ema_alpha=ema_alpha) for s in owned}
-        for directory in map(Path, directories):
-            if not (directory / "metadata.json").is_file():
-                raise MergeError(f"{directory}: missing or not a torch_dist checkpoint (needed for merging)")
-            request = {s.name: _retarget(s.sharded, s.sharded.key, torch.empty(s.param.shape, dtype=s.param.dtype),
-                                         owner=True) for s in owned}
-            loaded = safe_dist_checkpointing.load(request, directory)  # collective: every rank calls it
-            for slot in owned:
-                origin = f"{directory} (key {slot.sharded.key!r})"
-                pieces[slot.name].add([PiecePart(_whole(slot.param), loaded.pop(slot.name), origin)])
-            del loaded
+                                           ema_alpha=ema_alpha, nonfinite_hint=nonfinite_hint) for s in owned}
+        directories = [Path(d) for d in directories]
+        # Our own checks first, agreed on before anyone enters a load (a file missing on one node).
+        _fail_together(next(filter(None, map(_check_checkpoint_dir, directories)), None))
+        for directory in directories:
+            failure = None
+            try:
+                request = {s.name: _retarget(s.sharded, s.sharded.key,
+                                             torch.empty(s.param.shape, dtype=s.param.dtype), owner=True)
+                           for s in owned}
+                # Collective: every rank calls it. DCP gathers its own read errors onto every rank.
+                loaded = safe_dist_checkpointing.load(request, directory)
+                for slot in owned:
+                    origin = f"{directory} (key {slot.sharded.key!r})"
+                    pieces[slot.name].add([PiecePart(_whole(slot.param), loaded.pop(slot.name), origin)])
+                del loaded
+            except (Exception, CheckpointException) as err:  # noqa: BLE001 - DCP's is a BaseException
+                failure = err
+            _fail_together(failure, where=directory)
         return {name: piece.result() for name, piece in pieces.items()}
 
     def install(self, merged_owned: dict[str, torch.Tensor]) -> None:
@@ -423,6 +453,58 @@ def _retarget(sharded, key: str, data: torch.Tensor, owner: bool):
     else:
         replica = 0 if owner else 1
     return dataclasses.replace(sharded, key=key, data=data, replica_id=replica)
+
+
+def _check_checkpoint_dir(directory: Path) -> Optional[str]:
+    """Why ``directory`` cannot be merged, seen from this rank (None when it can)."""
+    for name in ("metadata.json", ".metadata"):
+        if not (directory / name).is_file():
+            return f"{directory}: missing or not a torch_dist checkpoint (no {name}; needed for merging)"
+    return None
+
+
+def _fail_together(failure, where: Optional[Path] = None) -> None:
+    """Raise the same MergeError on every rank if any rank failed (collective: every rank calls it).
+
+    ``failure`` is this rank's error (a message or an exception; None for none). The message is
+    the first failing rank's, prefixed with that rank, so whichever rank reports it says what
+    went wrong where; that rank alone logs the traceback of an unexpected exception. One small
+    all-gather of the messages on the default group (gloo, or NCCL with the current CUDA device
+    set, as pretrain sets it). Alone, the error is raised as it is.
+    """
+    from megatron_merge.safe_dist_checkpointing import merge_error_in
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        if isinstance(failure, BaseException):
+            raise failure
+        if failure is not None:
+            raise MergeError(failure)
+        return
+    texts: list = [None] * world
+    dist.all_gather_object(texts, None if failure is None else _describe(failure, where))
+    failed = [(rank, text) for rank, text in enumerate(texts) if text is not None]
+    if failed:
+        rank, text = failed[0]
+        cause = failure if isinstance(failure, BaseException) else None
+        if rank == dist.get_rank() and cause is not None and merge_error_in(cause) is None:
+            logger.error("rank %d: %s", rank, text, exc_info=cause)  # unexpected: its traceback too
+        others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise MergeError(f"rank {rank} of {world}{others}: {text}") from cause
+
+
+def _describe(failure, where: Optional[Path]) -> str:
+    """One line for this rank's failure: our own messages as they are (also from inside DCP's
+    per-rank wrapper), other exceptions with their type and first line."""
+    from megatron_merge.safe_dist_checkpointing import merge_error_in
+
+    if isinstance(failure, str):
+        return failure
+    ours = merge_error_in(failure)
+    if ours is not None:
+        return str(ours)
+    lines = str(failure).strip().splitlines()
+    return f"{where}: {type(failure).__name__}" + (f": {lines[0]}" if lines else "")
 
 
 def _stored_in(state: dict) -> int:

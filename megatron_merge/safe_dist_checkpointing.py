@@ -14,7 +14,8 @@ site-packages is patched:
 :class:`SafeCommonLoadStrategy`     ``TorchCommonLoadStrategy`` reading ``common.pt`` with
     :func:`~megatron_merge.safe_load.load_torch`.
 
-:func:`load` and :func:`load_common_state_dict` are the drop-in replacements callers use.
+:func:`load` and :func:`load_common_state_dict` are the drop-in replacements callers use;
+:func:`merge_error_in` finds the safe reader's refusal behind a failed load.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 from torch.distributed import checkpoint
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 
 from megatron_merge.errors import MergeError
@@ -147,3 +149,16 @@ def load(sharded_state_dict, checkpoint_dir: str | Path, **kwargs):
 def load_common_state_dict(checkpoint_dir: str | Path) -> dict:
     """``common.pt`` of a torch_dist checkpoint, read safely (a dict, or :class:`MergeError`)."""
     return SafeCommonLoadStrategy().load_common(checkpoint_dir)
+
+
+def merge_error_in(exc: BaseException) -> MergeError | None:
+    """The safe reader's error behind a failed load: ``exc`` itself, or the first MergeError a
+    rank raised inside DCP's CheckpointException (which wraps per-rank errors); else None."""
+    if isinstance(exc, MergeError):
+        return exc
+    if isinstance(exc, CheckpointException):
+        for failure in exc.failures.values():
+            failure = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(failure, MergeError):
+                return failure
+    return None

@@ -76,6 +76,7 @@ def main(argv=None) -> int:
         print(f"config OK for world size {world_size}" + (f" on {args.target}" if args.target != "auto" else ""))
         return 0
 
+    from megatron_merge.errors import MergeError
     from pretrain.checkpoint import CheckpointError
     from pretrain.platform import process_group_teardown
     from pretrain.summary import print_summary
@@ -84,7 +85,9 @@ def main(argv=None) -> int:
     with process_group_teardown():  # on success, error and SIGTERM alike
         try:
             summary = pretrain(cfg)
-        except (CheckpointError, ConfigError, FileNotFoundError) as exc:  # bad input: the message says it all
+        # Bad input: the message says it all. A merge of saved checkpoints (PMA-init, recovery,
+        # storage: disk) fails on every rank with the same message, so it is said once too.
+        except (CheckpointError, ConfigError, MergeError, FileNotFoundError) as exc:
             report_fatal(str(exc))
             return 1
         except Exception as exc:

@@ -140,19 +140,6 @@ def truncated_files(directory: str | Path) -> list[str]:
     return damaged
 
 
-def _merge_error_in(exc: BaseException) -> Optional[MergeError]:
-    """The safe reader's error behind a failed load (raised directly, or on a rank inside DCP's
-    CheckpointException), or None."""
-    if isinstance(exc, MergeError):
-        return exc
-    if isinstance(exc, CheckpointException):
-        for failure in exc.failures.values():
-            failure = failure[0] if isinstance(failure, tuple) else failure
-            if isinstance(failure, MergeError):
-                return failure
-    return None
-
-
 def _describe_failure(exc: BaseException, limit: int = 600) -> str:
     """One readable line for a failed load (DCP wraps per-rank errors with full tracebacks)."""
     if isinstance(exc, CheckpointException):
@@ -552,7 +539,7 @@ def load_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, path: st
     try:
         loaded = safe_dist_checkpointing.load(sd, directory)
     except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
-        refused = _merge_error_in(exc)
+        refused = safe_dist_checkpointing.merge_error_in(exc)
         if refused is not None:  # the safe reader refused a part: its message names file and key
             raise CheckpointError(str(refused)) from None
         damaged = truncated_files(directory)

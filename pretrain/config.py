@@ -979,12 +979,13 @@ def _validate_schedule(cfg: RunConfig) -> None:
         )
 
 
-def _validate_selection(s: MergeSelection, key: str, fewest: int) -> None:
-    """The rules of every merge selection (``key``: merge, checkpoint.init_merge or recovery.merge)."""
+def _validate_selection(s: MergeSelection, key: str, fewest: int, window_used: bool = True) -> None:
+    """The rules of every merge selection (``key``: merge, checkpoint.init_merge or recovery.merge);
+    ``window_used=False`` where the merge ignores ``window`` (the in-training EMA)."""
     _require(s.method in METHODS, f"{key}.method: {s.method!r} is not one of {', '.join(map(repr, METHODS))}")
     n, count_key = s.count(), s.count_key()
     if count_key == "window":
-        _require(s.window >= fewest, f"{key}.window: {s.window} must be >= {fewest}"
+        _require(not window_used or s.window >= fewest, f"{key}.window: {s.window} must be >= {fewest}"
                  + (" (merging needs at least 2 checkpoints)" if fewest == 2 else ""))
     else:
         _require(n >= fewest, f"{key}.{count_key}: {getattr(s, count_key)!r} must name at least {fewest}")
@@ -1003,7 +1004,8 @@ def _validate_merge(cfg: RunConfig) -> None:
     m, c = cfg.merge, cfg.checkpoint
     if not m.enabled:
         return
-    _validate_selection(m, "merge", fewest=2)
+    # The in-training EMA runs over every snapshot (OnlineMergeSpec.count / store_size): no window.
+    _validate_selection(m, "merge", fewest=2, window_used=m.method != "ema")
     _require((m.interval is None) != (m.interval_tokens is None),
              "merge: set exactly one of merge.interval (iterations) and merge.interval_tokens")
     if m.interval is not None:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_merge.candidates import CandidateMerges, parse_candidates, store_needed
-from megatron_merge.online import OnlineMergeSpec, PartitionMerger, map_sharded_params
+from megatron_merge.online import ONLINE_NONFINITE_HINT, OnlineMergeSpec, PartitionMerger, map_sharded_params
 from megatron_merge.record import MERGE_RECORD_FILE, record_header
 from pretrain import checkpoint as ckpt
 from pretrain.config import ConfigError, MergeSelection, RunConfig, merge_interval_iterations
@@ -64,13 +64,21 @@ def partition_merger(spec: OnlineMergeSpec, model_chunks, run_dir: Optional[str]
     return PartitionMerger(spec, named, sharded, replica_group_of, run_dir=run_dir)
 
 
-def install_merged_checkpoints(model_chunks, optimizer, directories, selection: MergeSelection) -> list[float]:
+def leave_out_hint(leave_out: str) -> str:
+    """The NaN/Inf error's advice for a merge whose inputs the run config chooses: ``leave_out``
+    says which keys leave a checkpoint out (the config has no override that merges NaN/Inf)."""
+    return f"{ONLINE_NONFINITE_HINT}; leave it out of the merge ({leave_out})"
+
+
+def install_merged_checkpoints(model_chunks, optimizer, directories, selection: MergeSelection,
+                               nonfinite_hint: str = ONLINE_NONFINITE_HINT) -> list[float]:
     """Put the merge of saved checkpoints (oldest first) into the model, each rank its own part,
     weighed as ``selection`` says (with fewer checkpoints than its explicit weights, the newest
     ones' weights).
 
     The optimizer's main (fp32) parameters, if there is an optimizer, are reloaded from the new
-    model weights. Returns the weights used. One checkpoint is loaded as it is.
+    model weights. Returns the weights used. One checkpoint is loaded as it is. A failure on any
+    rank raises the same MergeError on every rank; ``nonfinite_hint`` ends its NaN/Inf message.
     """
     ema = selection.method == "ema" and len(directories) > 1
     spec = OnlineMergeSpec(method=selection.method, window=max(2, len(directories)), interval=1,
@@ -78,7 +86,8 @@ def install_merged_checkpoints(model_chunks, optimizer, directories, selection: 
                            storage="disk")
     merger = partition_merger(spec, model_chunks, run_dir=None)
     weights = spec.weights_for(len(directories))
-    merged = merger.merge_checkpoints(directories, weights, ema_alpha=selection.ema_alpha if ema else None)
+    merged = merger.merge_checkpoints(directories, weights, ema_alpha=selection.ema_alpha if ema else None,
+                                      nonfinite_hint=nonfinite_hint)
     merger.install(merged)
     if optimizer is not None:
         optimizer.reload_model_params()
@@ -98,8 +107,9 @@ def build_merger(cfg: RunConfig, model_chunks) -> Optional[PartitionMerger]:
     if not cfg.merge.enabled:
         return None
     merger = partition_merger(merge_spec(cfg), model_chunks, run_dir=cfg.checkpoint.save)
-    logger.info("in-training merging: %s over %d snapshots every %d iterations (storage %s)",
-                cfg.merge.method, cfg.merge.window, merger.spec.interval, cfg.merge.storage)
+    span = "every snapshot" if cfg.merge.method == "ema" else f"{cfg.merge.window} snapshots"
+    logger.info("in-training merging: %s over %s every %d iterations (storage %s)",
+                cfg.merge.method, span, merger.spec.interval, cfg.merge.storage)
     candidates = parse_candidates(cfg.merge.candidates)
     if candidates:
         merger.candidates = CandidateMerges(merger, candidates)

@@ -18,7 +18,7 @@ from megatron_merge.record import input_iterations, read_record
 from megatron_merge.selection import select_checkpoints
 from pretrain import checkpoint as ckpt
 from pretrain.config import RunConfig
-from pretrain.merging import install_merged_checkpoints, reset_optimizer_state
+from pretrain.merging import install_merged_checkpoints, leave_out_hint, reset_optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,9 @@ def initialize_from(cfg: RunConfig, model, optimizer, scheduler) -> tuple[ckpt.T
         directories = [ref.path for ref in refs]
         state = ckpt.load_checkpoint(cfg, model, optimizer, scheduler, directories[-1],
                                      load_optimizer=keep_optimizer, load_rng=False)
-        weights = install_merged_checkpoints(model, optimizer, directories, selection)
+        weights = install_merged_checkpoints(
+            model, optimizer, directories, selection,
+            leave_out_hint("checkpoint.init_merge.iterations, or a smaller checkpoint.init_merge.window"))
         record.update(method=selection.method, iterations=[ref.iteration for ref in refs], weights=weights,
                       inputs=[str(d) for d in directories])
     if not keep_optimizer:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from megatron_merge.selection import saved_iterations
 from pretrain import checkpoint as ckpt
 from pretrain.config import RunConfig
-from pretrain.merging import install_merged_checkpoints, reset_optimizer_state
+from pretrain.merging import install_merged_checkpoints, leave_out_hint, reset_optimizer_state
 from pretrain.platform import collective_device
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,9 @@ class LossSpikeRecovery:
         keep_optimizer = r.optimizer == "checkpoint"
         restored = ckpt.load_checkpoint(self.cfg, model, optimizer, scheduler, directories[-1],
                                         load_optimizer=keep_optimizer, load_rng=True, merger=merger)
-        weights = install_merged_checkpoints(model, optimizer, directories, r.merge)
+        weights = install_merged_checkpoints(
+            model, optimizer, directories, r.merge,
+            leave_out_hint("a smaller recovery.merge.window keeps only the newest checkpoints before the spike"))
         if not keep_optimizer:
             reset_optimizer_state(optimizer)
         scheduler.num_steps = 0

@@ -200,6 +200,7 @@ def main(argv=None) -> int:
     points = grid(args.methods, args.last, args.every, args.alphas)
 
     from pretrain import train
+    from pretrain.fatal import report_fatal
     from pretrain.platform import process_group_teardown
 
     sink = []  # the --out file, opened by the logging rank at its first record
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
         try:
             records = run_sweep(cfg, run_dir, points, ends, saved, emit)
         except (CheckpointError, ConfigError, MergeError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            report_fatal(str(exc))  # every rank fails the same merge together: said once
             return 1
         finally:
             for f in sink:

@@ -181,6 +181,20 @@ def test_how_many_checkpoints_each_place_needs(tmp_path):
         "checkpoint.init_merge.window: 1 must be >= 2 (merging needs at least 2 checkpoints)"]
 
 
+def test_in_training_ema_needs_no_window(tmp_path):
+    """merge.method: ema is a running EMA over every snapshot: merge.window is not read, so not checked;
+    the EMA of saved checkpoints (PMA-init, recovery) still takes its window."""
+    from megatron_merge.online import OnlineMergeSpec
+
+    for window in (1, 0):
+        assert _errors("merge", tmp_path, ["method=ema", f"window={window}"]) == []
+        spec = OnlineMergeSpec(method="ema", window=window, interval=1)
+        assert spec.store_size == 0  # nothing kept per window: the one accumulator
+    assert _errors("merge", tmp_path, ["method=sma", "window=1"]) != []
+    assert _errors("checkpoint.init_merge", tmp_path, ["method=ema", "window=1"]) == [
+        "checkpoint.init_merge.window: 1 must be >= 2 (merging needs at least 2 checkpoints)"]
+
+
 def test_init_merge_counts_its_iterations(tmp_path):
     errors = _errors("checkpoint.init_merge", tmp_path, ["method=weights", "iterations=[4, 8, 12]", "weights=[1, 1]"])
     assert errors == ["checkpoint.init_merge.weights: [1, 1] must be 3 non-negative numbers, not all 0 (one per "

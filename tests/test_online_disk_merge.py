@@ -8,27 +8,34 @@ partition, at two layouts: TP=2 (each rank a shard) and DP=2 (whole tensors spli
 owners and broadcast to the replica). Each merge is installed into the model and saved with
 megatron-core; here those are compared with ``megatron_merge.offline.merge_checkpoints`` output,
 read back through torch's own DCP reader.
+
+Failures: a NaN in one rank's TP shard, or a directory missing on one rank, fail the merge on
+both ranks with the finding rank's message; under ``torchrun -m pretrain`` (PMA-init) the user
+reads it once, at once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import FAST, TINY_DENSE, free_port
+from helpers import FAST, TINY_DENSE, free_port, run_pretrain
 from pretrain.platform import process_group_teardown
 
 ITERATIONS = (10, 20, 30)
 ALPHA = 0.3
 VOCAB = 256
 LAYOUTS = {"tp2": 2, "dp2": 1}  # name -> tensor-parallel size (2 ranks: the rest is DP)
-NAN_KEY = "decoder.final_layernorm.weight"  # replicated over TP: every TP=2 rank owns it
+NAN_PARAM = "decoder.layers.0.mlp.linear_fc1.weight"  # split over TP: at TP=2 only rank 1 holds the NaN
+NAN_RANK = 1
 # merge -> (offline method, offline options); the online side of each is in _merge_online
 CASES = {
     "pma-sma": ("sma", {}),
@@ -49,12 +56,15 @@ def it_dir(root: Path, iteration: int) -> Path:
 
 
 def _perturb(model_chunks, iteration: int, nan: bool = False) -> None:
-    """Give every parameter values of its own for ``iteration`` (the same on every replica)."""
+    """Give every parameter values of its own for ``iteration`` (the same on every replica);
+    with ``nan``, a NaN in TP rank NAN_RANK's shard of NAN_PARAM only."""
+    from megatron.core import parallel_state
+
     with torch.no_grad():
         for index, (name, param) in enumerate(p for chunk in model_chunks for p in chunk.named_parameters()):
             gen = torch.Generator().manual_seed(1000 * iteration + index)
             param.add_(torch.randn(param.shape, generator=gen) * 0.01 + 0.001 * iteration)
-            if nan and name.endswith(NAN_KEY):
+            if nan and name.endswith(NAN_PARAM) and parallel_state.get_tensor_model_parallel_rank() == NAN_RANK:
                 param[3] = float("nan")
 
 
@@ -127,16 +137,30 @@ def _worker(rank: int, port: int, root: str) -> None:
             with torch.no_grad():  # back to the raw weights: no merge may depend on the previous one
                 for p, r in zip((p for chunk in model for p in chunk.parameters()), raw):
                     p.copy_(r)
-        if layout == "tp2":  # NaN in the newest input (read last: no rank waits in a later load)
+        if layout == "tp2":  # failures on one rank only fail the merge on both, before the next load
             spec = OnlineMergeSpec(method="sma", window=3, interval=1, storage="disk")
             merger = partition_merger(spec, model, run_dir=None)
-            bad = [*directories[:-1], it_dir(root / "nan", ITERATIONS[-1])]
-            try:
-                merger.merge_checkpoints(bad, spec.weights_for(3))
-            except MergeError as exc:
-                errors["nan"] = str(exc)
+            errors["nan_key"] = next(s.sharded.key for s in merger.owned if s.name.endswith(NAN_PARAM))
+            bad = [it_dir(root / "nan", ITERATIONS[-1]), *directories[1:]]  # the NaN read first
+            missing = [directories[0], root / "missing" if rank == 1 else directories[1]]
+            for name, inputs in (("nan", bad), ("missing", missing)):
+                began = time.perf_counter()
+                try:
+                    merger.merge_checkpoints(inputs, spec.weights_for(len(inputs)))
+                except MergeError as exc:
+                    errors[name] = str(exc)
+                errors[f"{name}_seconds"] = time.perf_counter() - began
             allowed = merger.merge_checkpoints(bad, spec.weights_for(3), allow_nonfinite=True)
             errors["allowed_nan"] = sum(int(t.isnan().sum()) for t in allowed.values())
+            # In-memory snapshots (storage: host): the newest holds the NaN on rank 1 only.
+            merger = partition_merger(OnlineMergeSpec(method="sma", window=2, interval=1), model, run_dir=None)
+            merger.maybe_snapshot(1)
+            _perturb(model, 1, nan=True)
+            merger.maybe_snapshot(2)
+            try:
+                merger.merged_owned()
+            except MergeError as exc:
+                errors["snapshot_nan"] = str(exc)
         parallel_state.destroy_model_parallel()
     (root / f"errors.rank{rank}.json").write_text(json.dumps(errors))
 
@@ -194,11 +218,59 @@ def test_fp64_accumulation_is_used(merged):
     assert any(not torch.equal(load_full(fp32, k), load_full(fp64, k)) for k in model_keys(fp32))
 
 
-def test_nonfinite_input_is_refused_naming_directory_and_key(merged):
+def _errors(root: Path, rank: int) -> dict:
+    return json.loads((root / f"errors.rank{rank}.json").read_text())
+
+
+def test_nan_on_one_rank_fails_the_merge_on_every_rank(merged):
+    """Only rank 1's TP shard holds the NaN: both ranks raise its message, at once (rank 0 does
+    not go on to load the next checkpoint), and the advice names no megatron-merge flag."""
     root, _, _ = merged
-    for rank in (0, 1):
-        errors = json.loads((root / f"errors.rank{rank}.json").read_text())
-        message = errors["nan"]
-        assert str(it_dir(root / "nan", ITERATIONS[-1])) in message and repr(NAN_KEY) in message, message
-        assert "NaN/Inf" in message
-        assert errors["allowed_nan"] > 0  # allow_nonfinite merges it, NaN and all
+    ranks = [_errors(root, rank) for rank in (0, 1)]
+    message = ranks[0]["nan"]
+    assert ranks[1]["nan"] == message
+    key = ranks[NAN_RANK]["nan_key"]
+    assert message.startswith(f"rank {NAN_RANK} of 2: non-finite values (NaN/Inf) in "), message
+    assert f"{it_dir(root / 'nan', ITERATIONS[-1])} (key {key!r})" in message, message
+    assert "--" not in message and "no config key overrides" in message, message
+    assert all(r["nan_seconds"] < 60 for r in ranks)
+    assert ranks[NAN_RANK]["allowed_nan"] > 0 and ranks[1 - NAN_RANK]["allowed_nan"] == 0  # allow_nonfinite merges it
+
+
+def test_nan_in_one_rank_snapshot_fails_the_merge_on_every_rank(merged):
+    root, _, _ = merged
+    messages = [_errors(root, rank)["snapshot_nan"] for rank in (0, 1)]
+    assert messages[0] == messages[1], messages
+    assert messages[0].startswith(f"rank {NAN_RANK} of 2: non-finite values (NaN/Inf) in snapshot of "), messages
+    assert NAN_PARAM in messages[0] and "--" not in messages[0] and "training had diverged" in messages[0]
+
+
+def test_missing_checkpoint_on_one_rank_fails_every_rank_before_any_load(merged):
+    root, _, _ = merged
+    messages = [_errors(root, rank)["missing"] for rank in (0, 1)]
+    assert messages[0] == messages[1] == (f"rank 1 of 2: {root / 'missing'}: missing or not a torch_dist checkpoint "
+                                          f"(no metadata.json; needed for merging)")
+
+
+def test_pma_init_from_a_nan_on_one_rank_is_reported_once_promptly(merged, tmp_path):
+    """torchrun -m pretrain with PMA-init over a run whose newest checkpoint has a NaN in rank 1's
+    shard only: one ``error:`` line, rank 1's finding with the run-config advice, said by rank 0
+    at once (before: rank 0 went on into training and rank 1 spoke after its grace period)."""
+    root, _, _ = merged
+    source = tmp_path / "source"
+    for iteration in ITERATIONS[:-1]:
+        shutil.copytree(it_dir(root / "run", iteration), it_dir(source, iteration))
+    shutil.copytree(it_dir(root / "nan", ITERATIONS[-1]), it_dir(source, ITERATIONS[-1]))
+    began = time.perf_counter()
+    run = run_pretrain(tmp_path / "run", 2, ["parallel.tensor_model_parallel_size=2", f"checkpoint.init_from={source}",
+                                              "checkpoint.init_merge.enabled=true", "checkpoint.init_merge.window=3",
+                                              "train.train_iters=8"],
+                       timeout=300, check=False, env={"PRETRAIN_ERROR_GRACE_S": "120"})
+    seconds = time.perf_counter() - began
+    errors = [line for line in run.output.splitlines() if line.startswith("error:")]
+    assert run.returncode != 0 and len(errors) == 1, run.output[-4000:]
+    assert errors[0].startswith(f"error: rank {NAN_RANK} of 2: non-finite values (NaN/Inf) in "
+                                f"{it_dir(source, ITERATIONS[-1])} (key "), errors
+    assert errors[0].endswith("(checkpoint.init_merge.iterations, or a smaller checkpoint.init_merge.window)"), errors
+    assert "(reported by rank" not in errors[0]  # rank 0 said it: no rank waited out the grace period
+    assert seconds < 100, seconds  # a rank that failed alone would wait out its 120 s grace period
