@@ -27,6 +27,7 @@ import sys
 from typing import Sequence
 
 from megatron_merge.errors import FailedOnAnotherRank, MergeError, os_error_message
+from megatron_merge.ranks import RankGroup, usable_cores
 from megatron_merge.weights import METHODS, parse_weight_list, unusual_weights
 
 logger = logging.getLogger("megatron_merge")
@@ -116,8 +117,6 @@ def _state_from(text: str) -> str | int:
 
 def _warn_about_choices(args: argparse.Namespace) -> None:
     """Say when a choice the user made is likely not what they want (the merge still runs)."""
-    from megatron_merge.ranks import usable_cores
-
     cores = usable_cores()
     if args.workers is not None and args.workers > cores:
         logger.warning("--workers %d is more than the %d CPU cores available: processes compete for them, "
@@ -154,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         state_from = _state_from(args.state_from)
     except ValueError as err:
         parser.error(str(err))
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 speaks for the merge
+    group = RankGroup.from_env()
+    if group is not None and not group.is_coordinator:  # under torchrun rank 0 speaks for the merge
         logger.setLevel(logging.WARNING)
     _warn_about_choices(args)
     try:
@@ -181,22 +181,19 @@ def _run(args: argparse.Namespace, method: str, state_from: str | int) -> int:
         model_only=args.model_only, accumulate_dtype=args.accumulate_dtype, format=args.format,
         trust_inputs=args.trust_inputs, save_dtype=args.save_dtype, state_from=state_from,
     )
+    group = RankGroup.from_env()
     if args.dry_run:  # writes nothing, so an existing --out is only reported
-        if int(os.environ.get("RANK", "0")) != 0:
+        if group is not None and not group.is_coordinator:
             return 0
         exists = os.path.lexists(args.out)
         check_output_path(args.out, [r.path for r in refs], force=True)
         plan = plan_merge(refs, method, **options)
         print(plan.describe())
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:
-            print(f"ranks: {world} (torchrun), each writing its share of the {len(plan.work_items)} files")
+        if group is not None:
+            print(f"ranks: {group.world_size} (torchrun), each writing its share of the "
+                  f"{len(plan.work_items)} files")
         elif args.workers is None:
-            from megatron_merge.ranks import choose_workers
-
-            workers, why = choose_workers(len(plan.work_items), plan.bytes_to_read,
-                                          plan.peak_bytes_per_worker, plan.reference.path)
-            print(f"workers: {workers} ({why})")
+            print("workers: %d (%s)" % plan.auto_workers())
         note = "; it exists: the merge needs --force to replace it" if exists and not args.force else ""
         print(f"output: {args.out} (dry run: nothing written{note})")
         return 0
@@ -208,12 +205,11 @@ def _run(args: argparse.Namespace, method: str, state_from: str | int) -> int:
     if result.plan is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     size = result.plan.bytes_to_write
-    unit = "rank" if os.environ.get("RANK") is not None else "process"
     logger.info(
         "merged %d checkpoints into %s in %.1f s (%.1f MiB/s, %d %s)%s",
         len(result.plan.inputs), result.out, result.seconds,
         size / 2**20 / max(result.seconds, 1e-9), result.workers,
-        unit if result.workers == 1 else {"rank": "ranks", "process": "processes"}[unit],
+        "ranks" if group is not None else "process" if result.workers == 1 else "processes",
         f"; verified {result.verified_chunks} chunks" if args.verify else "",
     )
     return 0

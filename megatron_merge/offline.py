@@ -40,7 +40,6 @@ from megatron_merge.formats.base import (
 )
 from megatron_merge.ranks import (
     RankGroup,
-    assign_by_bytes,
     choose_workers,
     write_in_processes,
     write_serially,
@@ -102,6 +101,12 @@ class MergePlan:
     @property
     def peak_bytes_per_worker(self) -> int:
         return self.format_plan.peak_bytes_per_worker
+
+    def auto_workers(self) -> tuple[int, str]:
+        """How many local processes to write with when ``--workers`` is not given, and why
+        (:func:`megatron_merge.ranks.choose_workers`)."""
+        return choose_workers(len(self.work_items), self.bytes_to_read, self.peak_bytes_per_worker,
+                              self.reference.path)
 
     def settings(self, allow_nonfinite: bool) -> MergeSettings:
         """What every writing process needs (picklable)."""
@@ -330,8 +335,7 @@ class _MergeJob:
         settings = plan.settings(self.allow_nonfinite)
         workers = self.workers
         if workers is None:
-            workers, why = choose_workers(len(plan.work_items), plan.bytes_to_read,
-                                          plan.peak_bytes_per_worker, plan.reference.path)
+            workers, why = plan.auto_workers()
             logger.info("workers: %d (%s; --workers P to choose)", workers, why)
         with atomic_output_dir(out) as tmp, self._progress(plan.work_items) as on_item:
             ckpt_tmp, ckpt_out = self._checkpoint_dirs(plan, tmp, out)
@@ -411,8 +415,7 @@ class _MergeJob:
         total = sum(item.nbytes for item in items)
         desc = "merging"
         if share_of is not None:  # rank 0 sees its own share; the others report nothing
-            share = assign_by_bytes([item.nbytes for item in items], share_of.world_size)[0]
-            total = sum(items[i].nbytes for i in share)
+            total = sum(item.nbytes for item in share_of.share_of(items))
             desc = f"merging (rank 0's share, {share_of.world_size} ranks)"
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                    disable=not self.progress, dynamic_ncols=True)

@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_merge.accumulate import PieceAccumulator, PiecePart, ema_update, merge_piece, resolve_accumulate_dtype
 from megatron_merge.errors import MergeError
+from megatron_merge.ranks import first_failure
 from megatron_merge.weights import merge_weights
 
 logger = logging.getLogger(__name__)
@@ -483,14 +484,13 @@ def _fail_together(failure, where: Optional[Path] = None) -> None:
         return
     texts: list = [None] * world
     dist.all_gather_object(texts, None if failure is None else _describe(failure, where))
-    failed = [(rank, text) for rank, text in enumerate(texts) if text is not None]
-    if failed:
-        rank, text = failed[0]
+    message = first_failure(texts)
+    if message is not None:
         cause = failure if isinstance(failure, BaseException) else None
-        if rank == dist.get_rank() and cause is not None and merge_error_in(cause) is None:
-            logger.error("rank %d: %s", rank, text, exc_info=cause)  # unexpected: its traceback too
-        others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-        raise MergeError(f"rank {rank} of {world}{others}: {text}") from cause
+        first = next(rank for rank, text in enumerate(texts) if text is not None)
+        if first == dist.get_rank() and cause is not None and merge_error_in(cause) is None:
+            logger.error("rank %d: %s", first, texts[first], exc_info=cause)  # unexpected: its traceback too
+        raise MergeError(message) from cause
 
 
 def _describe(failure, where: Optional[Path]) -> str:

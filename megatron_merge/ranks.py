@@ -74,6 +74,17 @@ def share_balance(sizes: Sequence[int], shares: Sequence[Sequence[int]]) -> floa
     return max(loads) / mean if mean else 1.0
 
 
+def first_failure(errors: Sequence[str | None]) -> str | None:
+    """Every rank's error (None for none, in rank order) -> what to report: the first failing
+    rank's, prefixed with that rank (``rank R of W (and K more ranks): ...``); None if none failed."""
+    failed = [(rank, text) for rank, text in enumerate(errors) if text is not None]
+    if not failed:
+        return None
+    rank, text = failed[0]
+    others = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
+    return f"rank {rank} of {len(errors)}{others}: {text}"
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on."""
     if hasattr(os, "sched_getaffinity"):
@@ -288,8 +299,7 @@ class RankGroup:
 
         Returns every rank's results on rank 0, None on the others.
         """
-        shares = assign_by_bytes([item.nbytes for item in items], self.world_size)
-        mine = [items[i] for i in shares[self.rank]]
+        mine = self.share_of(items)
         results, error = {}, None
         try:
             if not Path(out_dir).is_dir():
@@ -305,14 +315,15 @@ class RankGroup:
         except Exception as err:  # noqa: BLE001 - reported by rank 0, with the traceback logged here
             logger.error("rank %d failed:\n%s", self.rank, traceback.format_exc())
             error = f"{type(err).__name__}: {err}"
-        errors = self.gather_errors(error)
-        failed = [(rank, text) for rank, text in enumerate(errors) if text is not None]
-        if failed:
-            rank, text = failed[0]
-            others = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
-            message = f"rank {rank} of {self.world_size}{others}: {text}"
+        message = first_failure(self.gather_errors(error))
+        if message is not None:
             raise (MergeError if self.is_coordinator else FailedOnAnotherRank)(message)
         return self.gather_results(results)
+
+    def share_of(self, items: Sequence, rank: int | None = None) -> list:
+        """The items ``rank`` (default: this one) writes, largest first (:func:`assign_by_bytes`)."""
+        shares = assign_by_bytes([item.nbytes for item in items], self.world_size)
+        return [items[i] for i in shares[self.rank if rank is None else rank]]
 
 
 def _exit_on_sigterm(signum, frame):

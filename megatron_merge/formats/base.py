@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import gc
+import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,14 @@ class FormatPlan(ABC):
     def verify(self, out_dir: Path, settings: MergeSettings, samples: int, seed: int) -> int:
         """Check sampled merged pieces of ``out_dir`` against an independent recomputation;
         return how many were checked."""
+
+
+def copy_as_is(source: Path, target: Path) -> None:
+    """Copy a file or a directory tree of the reference input into the output unchanged."""
+    if source.is_dir():
+        shutil.copytree(source, target, symlinks=True)
+    else:
+        shutil.copy2(source, target)
 
 
 def human_bytes(n: float) -> str:

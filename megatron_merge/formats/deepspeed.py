@@ -272,18 +272,18 @@ class DeepSpeedCheckpoint(RankFileCheckpoint):
                 f"one such file per rank -- copy the complete checkpoint"
             )
 
-    def check_matches(self, newest: "RankFileCheckpoint") -> None:
-        super().check_matches(newest)
+    def check_matches(self, source: "RankFileCheckpoint") -> None:
+        super().check_matches(source)
         # The flat fp32 partitions are laid out by parameter order and shape: the same file
         # names and partition sizes are not enough, the parameters must be the same too.
         for name in self._model_files:
-            if name not in newest.files():
+            if name not in source.files():
                 continue
             mine = self.load(name).get("param_shapes")
-            theirs = newest.load(name).get("param_shapes")
+            theirs = source.load(name).get("param_shapes")
             if mine != theirs:
                 raise MergeError(
-                    f"{self.path / name}: key 'param_shapes' differs from {newest.path / name} "
+                    f"{self.path / name}: key 'param_shapes' differs from {source.path / name} "
                     f"({_first_difference(mine, theirs)}); the checkpoints hold different models"
                 )
 

@@ -39,7 +39,14 @@ import torch
 from megatron_merge.accumulate import PiecePart, merge_piece, resolve_accumulate_dtype
 from megatron_merge.errors import MergeError, UnsafeCheckpointError
 from megatron_merge.formats import is_extra_state
-from megatron_merge.formats.base import FormatPlan, ItemWriter, MergeSettings, PlanOptions, human_bytes
+from megatron_merge.formats.base import (
+    FormatPlan,
+    ItemWriter,
+    MergeSettings,
+    PlanOptions,
+    copy_as_is,
+    human_bytes,
+)
 from megatron_merge.record import MERGE_RECORD_FILE
 from megatron_merge.safe_load import load_torch
 from megatron_merge.verify import reference_step
@@ -163,12 +170,13 @@ class RankFileCheckpoint:
     def check_complete(self) -> None:
         """Raise if a file the checkpoint's own stored layout calls for is missing."""
 
-    def check_matches(self, newest: "RankFileCheckpoint") -> None:
-        """Raise if this (older) input cannot be merged file by file with ``newest``."""
-        mine, theirs = self.layout(), newest.layout()
+    def check_matches(self, source: "RankFileCheckpoint") -> None:
+        """Raise if this input cannot be merged file by file with ``source`` (the reference
+        input, whose layout the output keeps)."""
+        mine, theirs = self.layout(), source.layout()
         if mine != theirs:
             raise MergeError(
-                f"{self.path}: saved at layout {_layout_text(mine)}, the newest input {newest.path} at "
+                f"{self.path}: saved at layout {_layout_text(mine)}, the newest input {source.path} at "
                 f"{_layout_text(theirs)}; {self.format} checkpoints are merged file by file and "
                 f"need the same layout"
             )
@@ -312,8 +320,7 @@ class RankFileMergePlan(FormatPlan):
             "merged": self.merged_keys,
             # fp32 master weights of the optimizer (Megatron's optimizer / distrib_optim.pt,
             # DeepSpeed's *optim_states.pt); their moments stay the reference input's
-            "optimizer_merged": {f.name: [s.text for s in f.merged if is_optimizer_slot(f.name, s.path)]
-                                 for f in self.files if any(is_optimizer_slot(f.name, s.path) for s in f.merged)},
+            "optimizer_merged": self._merged_optimizer_slots(),
             "copied_from_newest": {f.name: list(f.copied) for f in self.files},
             "dropped": {
                 **{f.name: [*f.dropped_entries, *(f"{k} (set to None)" for k in f.emptied_entries)]
@@ -324,14 +331,18 @@ class RankFileMergePlan(FormatPlan):
             "trust_inputs": False,  # every file is parsed: it is merged or checked
         }
 
+    def _merged_optimizer_slots(self) -> dict[str, list[str]]:
+        found = {}
+        for f in self.files:
+            chosen = [s.text for s in f.merged if is_optimizer_slot(f.name, s.path)]
+            if chosen:
+                found[f.name] = chosen
+        return found
+
     def finish(self, out_dir: Path, results: dict, checkpoint_id: str, settings: MergeSettings) -> None:
         source = self.reference_checkpoint
         for extra in source.extra_files():
-            path = source.path / extra
-            if path.is_dir():
-                shutil.copytree(path, out_dir / extra, symlinks=True)
-            else:
-                shutil.copy2(path, out_dir / extra)
+            copy_as_is(source.path / extra, out_dir / extra)
 
     def verify(self, out_dir: Path, settings: MergeSettings, samples: int, seed: int) -> int:
         return verify_rank_file_merge(self, out_dir, settings, samples=samples, seed=seed)
@@ -395,34 +406,34 @@ def _slot(obj: Any, path: SlotPath, rule: FileRule) -> Slot:
     return Slot(path, tuple(tensor.shape), tensor.dtype, None if ranges is None else tuple(ranges))
 
 
-def _check_other_inputs(newest: RankFileCheckpoint, others: list[RankFileCheckpoint], name: str,
+def _check_other_inputs(source: RankFileCheckpoint, others: list[RankFileCheckpoint], name: str,
                         rule: FileRule, slots: tuple[Slot, ...], model_only: bool) -> None:
-    """Every other input's file has the reference's (``newest``'s) merged tensors, same shapes
-    and dtypes, no more."""
+    """Every other input's file has the reference input's (``source``) merged tensors, same
+    shapes and dtypes, no more."""
     wanted = {s.path for s in slots}
     for ckpt in others:
         where = ckpt.path / name
         if not where.is_file():
-            raise MergeError(f"{where}: missing ({newest.path} has {name})")
+            raise MergeError(f"{where}: missing ({source.path} has {name})")
         obj = ckpt.load(name)
         for slot in slots:
             try:
                 value = get_at(obj, slot.path)
             except (KeyError, IndexError, TypeError):
                 raise MergeError(
-                    f"{where}: key {slot.text!r} is missing (present in {newest.path / name})"
+                    f"{where}: key {slot.text!r} is missing (present in {source.path / name})"
                 ) from None
             if not isinstance(value, torch.Tensor):
                 raise MergeError(f"{where}: key {slot.text!r} is {type(value).__name__}, not a tensor")
             if tuple(value.shape) != slot.shape:
                 raise MergeError(
                     f"{where}: key {slot.text!r} has shape {tuple(value.shape)}, "
-                    f"{newest.path / name} has {slot.shape}"
+                    f"{source.path / name} has {slot.shape}"
                 )
             if value.dtype != slot.dtype:
                 raise MergeError(
                     f"{where}: key {slot.text!r} has dtype {value.dtype}, "
-                    f"{newest.path / name} has {slot.dtype}"
+                    f"{source.path / name} has {slot.dtype}"
                 )
         older_rule = ckpt.rule(name, obj, model_only)
         for slot in slots:
@@ -430,13 +441,13 @@ def _check_other_inputs(newest: RankFileCheckpoint, others: list[RankFileCheckpo
             if (None if ranges is None else tuple(ranges)) != slot.ranges:
                 raise MergeError(
                     f"{where}: key {slot.text!r}: the parameters are laid out differently in this "
-                    f"flat buffer than in {newest.path / name}"
+                    f"flat buffer than in {source.path / name}"
                 )
         extra = [p for p in older_rule.merged if p not in wanted]
         if extra:
             raise MergeError(
                 f"{where}: key {slot_text(extra[0])!r} is a merged tensor here but not in the "
-                f"newest input {newest.path / name}"
+                f"newest input {source.path / name}"
             )
         del obj
 

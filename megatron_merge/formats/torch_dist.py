@@ -26,7 +26,6 @@ which file).
 from __future__ import annotations
 
 import re
-import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ from megatron_merge.formats.base import (
     ItemWriter,
     MergeSettings,
     PlanOptions,
+    copy_as_is,
     human_bytes,
 )
 from megatron_merge.formats.dcp import (
@@ -185,13 +185,10 @@ class TorchDistPlan(FormatPlan):
         )
         write_dcp_metadata(out_dir, metadata)
         for extra in extra_files(source.path):
-            path = source.path / extra
             if extra == COMMON_FILE and self.dropped_common_entries:
                 _write_common_without_optimizer(source, out_dir / COMMON_FILE)
-            elif path.is_dir():
-                shutil.copytree(path, out_dir / extra, symlinks=True)
             else:
-                shutil.copy2(path, out_dir / extra)
+                copy_as_is(source.path / extra, out_dir / extra)
 
     def verify(self, out_dir: Path, settings: MergeSettings, samples: int, seed: int) -> int:
         from megatron_merge.verify import verify_dcp_merge
