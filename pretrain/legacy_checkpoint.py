@@ -118,19 +118,6 @@ def stored_iteration(directory: str | Path) -> int:
 # RNG in Megatron-LM's legacy shape
 
 
-def _rng_entry() -> list[dict]:
-    state = _rng_state()
-    entry = {
-        "random_rng_state": state["random"],
-        "np_rng_state": state["np_random"],
-        "torch_rng_state": state["torch"],
-        "rng_tracker_states": state["tracker"],
-    }
-    if "cuda" in state:
-        entry["cuda_rng_state"] = state["cuda"]
-    return [entry]
-
-
 def _restore_rng(entries: Any, where: Path) -> None:
     if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
         raise CheckpointError(f"{where}: key 'rng_state' is not a list of RNG state dicts")
@@ -197,7 +184,7 @@ def save_legacy_checkpoint(cfg: RunConfig, model_chunks, optimizer, scheduler, s
             sd[_model_key(i, len(model_chunks))] = _detached(unwrap(chunk).state_dict_for_save_checkpoint())
         sd["optimizer"] = optimizer.state_dict()
         sd["opt_param_scheduler"] = scheduler.state_dict()
-        sd["rng_state"] = _rng_entry()
+        sd["rng_state"] = megatron_lm.rng_entries(_rng_state())
         sd["run_config"] = to_dict(cfg)
         target = staging / _my_rank_dir() / MODEL_FILE
         target.parent.mkdir(exist_ok=True)

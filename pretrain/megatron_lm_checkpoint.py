@@ -70,15 +70,20 @@ def rng_sharded_object(data: Any = None) -> ShardedObject:
     return ShardedObject("rng_state", data, (pp[0], tp[0]), (pp[1], tp[1]), replica_id=dp_rank)
 
 
+# pretrain's RNG state key -> Megatron-LM's name for it in a stored RNG entry.
+_RNG_NAMES = {"random": "random_rng_state", "np_random": "np_rng_state", "torch": "torch_rng_state",
+              "tracker": "rng_tracker_states", "cuda": "cuda_rng_state"}
+_OPTIONAL_RNG = {"cuda"}  # saved only where CUDA is
+
+
 def rng_state(entries: Any) -> dict:
     """Megatron-LM's stored RNG entry list -> ``pretrain``'s RNG state dict."""
     entry = entries[0]
-    state = {
-        "random": entry["random_rng_state"],
-        "np_random": entry["np_rng_state"],
-        "torch": entry["torch_rng_state"],
-        "tracker": entry["rng_tracker_states"],
-    }
-    if "cuda_rng_state" in entry:
-        state["cuda"] = entry["cuda_rng_state"]
-    return state
+    return {ours: entry[theirs] for ours, theirs in _RNG_NAMES.items()
+            if ours not in _OPTIONAL_RNG or theirs in entry}
+
+
+def rng_entries(state: dict) -> list[dict]:
+    """``pretrain``'s RNG state dict -> Megatron-LM's RNG entry list (the inverse of :func:`rng_state`)."""
+    return [{theirs: state[ours] for ours, theirs in _RNG_NAMES.items()
+             if ours not in _OPTIONAL_RNG or ours in state}]
