@@ -131,6 +131,8 @@ class MergePlan:
             f"accumulate in: {self.accumulate_dtype}",
             f"work items: {len(self.work_items)} output files",
             f"to read: {human_bytes(self.bytes_to_read)}, to write: ~{human_bytes(self.bytes_to_write)}",
+            f"projected peak memory per worker: {human_bytes(self.peak_bytes_per_worker)} "
+            f"({self.format_plan.peak_memory_note})",
         ]
         return "\n".join(lines)
 

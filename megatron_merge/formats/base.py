@@ -124,6 +124,7 @@ class FormatPlan(ABC):
     work_items: Sequence[WorkItem]
     bytes_to_read: int
     peak_bytes_per_worker: int
+    peak_memory_note: str  # what the projected peak counts (for --dry-run)
 
     @property
     def reference_checkpoint(self):

@@ -45,7 +45,6 @@ from megatron_merge.formats.base import (
     MergeSettings,
     PlanOptions,
     copy_as_is,
-    human_bytes,
 )
 from megatron_merge.record import MERGE_RECORD_FILE
 from megatron_merge.safe_load import load_torch
@@ -289,6 +288,7 @@ class RankFileMergePlan(FormatPlan):
     bytes_to_read: int
     peak_bytes_per_worker: int
     saved_as: torch.dtype | None = None  # merged model weights' output dtype (--save-dtype)
+    peak_memory_note = "one file's merged tensors and one tensor's working set; inputs are memory-mapped"
 
     @property
     def work_items(self) -> list[RankFilePlan]:
@@ -309,9 +309,6 @@ class RankFileMergePlan(FormatPlan):
         ]
         if self.saved_as is not None:
             lines.append(f"merged model weights saved as {self.saved_as}")
-        lines.append(
-            f"projected peak memory per worker: {human_bytes(self.peak_bytes_per_worker)} "
-            f"(one file's merged tensors and one tensor's working set; inputs are memory-mapped)")
         return lines
 
     def record_fields(self) -> dict:

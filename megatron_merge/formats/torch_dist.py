@@ -51,7 +51,6 @@ from megatron_merge.formats.base import (
     MergeSettings,
     PlanOptions,
     copy_as_is,
-    human_bytes,
 )
 from megatron_merge.formats.dcp import (
     COMMON_FILE,
@@ -135,6 +134,7 @@ class TorchDistPlan(FormatPlan):
     peak_bytes_per_worker: int
     trust_inputs: bool = False  # opaque parts copied unparsed
     format: str = "torch_dist"
+    peak_memory_note = "largest chunk working set, on top of the Python/torch process baseline"
 
     @property
     def work_items(self) -> list[FilePlan]:
@@ -154,9 +154,6 @@ class TorchDistPlan(FormatPlan):
         if self.inputs_with_other_layout:
             lines.append("inputs saved under a different layout (resharded on the fly):")
             lines += [f"  {p}" for p in self.inputs_with_other_layout]
-        lines.append(
-            f"projected peak memory per worker: {human_bytes(self.peak_bytes_per_worker)} "
-            f"(largest chunk working set, on top of the Python/torch process baseline)")
         return lines
 
     def record_fields(self) -> dict:
